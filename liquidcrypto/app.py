@@ -1,0 +1,58 @@
+"""The HTTP service: health, metrics and the WebSocket endpoint (Starlette on uvicorn).
+
+``create_app()`` builds the ASGI app; its lifespan connects NATS with ``init_nats`` (so
+the service starts and serves in degraded mode when NATS is down) and closes it on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from liquidcrypto.config import Settings
+from liquidcrypto.nats.client import NatsClient, close_nats, init_nats
+
+log = logging.getLogger(__name__)
+
+
+async def nats_health(request: Request) -> JSONResponse:
+    """``GET /api/v1/nats/health``: the spec's health dict; 200 connected, 503 not."""
+    client: NatsClient = request.app.state.nats
+    health = await client.health()
+    return JSONResponse(health, status_code=200 if health["connected"] else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus exposition of every liquidcrypto metric."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The ASGI app.
+
+    Args:
+        settings: configuration (default ``Settings.from_env()``).
+    """
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.nats = await init_nats(settings=settings)
+        try:
+            yield
+        finally:
+            await close_nats()
+
+    routes = [
+        Route("/api/v1/nats/health", nats_health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,110 @@
+"""Settings read from the environment, in one place.
+
+Every variable is documented in the README's configuration table. ``Settings.from_env``
+is the only function that reads ``os.environ`` for the package.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_NATS_URL = "nats://localhost:4222"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+def _str(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    return raw if raw else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything configurable, with its default."""
+
+    nats_url: str = DEFAULT_NATS_URL
+    js_replicas: int = 1
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_creds: str | None = None
+    nats_nkey_seed: str | None = None
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    nats_name: str = "liquidcrypto"
+    ws_backend: str = "nats"
+    redis_url: str = "redis://localhost:6379"
+    host: str = "127.0.0.1"
+    port: int = 3000
+    state_dir: Path = field(default_factory=lambda: Path(".liquidcrypto"))
+    dedupe_window: float = 3600.0
+    ws_token: str | None = None
+    ws_max_clients: int = 10_000
+    ws_max_symbols: int = 100
+    ws_max_frame_bytes: int = 64 * 1024
+    ws_queue_size: int = 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``).
+
+        Raises:
+            ValueError: a variable has a value of the wrong type, naming it.
+        """
+        e = os.environ if env is None else env
+        backend = (e.get("WS_BACKEND") or "nats").strip().lower()
+        if backend not in ("nats", "redis"):
+            raise ValueError(f"environment variable WS_BACKEND={backend!r} must be 'nats' or 'redis'")
+        replicas = _int(e, "NATS_JS_REPLICAS", 1)
+        if not 1 <= replicas <= 5:
+            raise ValueError(f"environment variable NATS_JS_REPLICAS={replicas} must be between 1 and 5")
+        return cls(
+            nats_url=e.get("NATS_URL") or DEFAULT_NATS_URL,
+            js_replicas=replicas,
+            nats_user=_str(e, "NATS_USER"),
+            nats_password=_str(e, "NATS_PASSWORD"),
+            nats_token=_str(e, "NATS_TOKEN"),
+            nats_creds=_str(e, "NATS_CREDS"),
+            nats_nkey_seed=_str(e, "NATS_NKEY_SEED"),
+            nats_tls_ca=_str(e, "NATS_TLS_CA"),
+            nats_tls_cert=_str(e, "NATS_TLS_CERT"),
+            nats_tls_key=_str(e, "NATS_TLS_KEY"),
+            nats_name=e.get("NATS_CLIENT_NAME") or "liquidcrypto",
+            ws_backend=backend,
+            redis_url=e.get("REDIS_URL") or "redis://localhost:6379",
+            host=e.get("HOST") or "127.0.0.1",
+            port=_int(e, "PORT", 3000),
+            state_dir=Path(e.get("LIQUIDCRYPTO_STATE_DIR") or ".liquidcrypto"),
+            dedupe_window=_float(e, "NATS_DEDUPE_WINDOW", 3600.0),
+            ws_token=_str(e, "WS_TOKEN"),
+            ws_max_clients=_int(e, "WS_MAX_CLIENTS", 10_000),
+            ws_max_symbols=_int(e, "WS_MAX_SYMBOLS", 100),
+            ws_max_frame_bytes=_int(e, "WS_MAX_FRAME_BYTES", 64 * 1024),
+            ws_queue_size=_int(e, "WS_QUEUE_SIZE", 1024),
+        )
+
+    def nats_servers(self) -> list[str]:
+        """The server URLs of ``nats_url`` (comma-separated for a cluster)."""
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]

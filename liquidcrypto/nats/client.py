@@ -1,0 +1,750 @@
+"""The NATS client: connection with degraded mode, provisioning, health, JSON messaging.
+
+``NatsClient`` owns one nats-py connection. ``connect()`` never raises because NATS is
+down: the client logs ``[Server] NATS not available - running in degraded mode`` once,
+keeps trying in the background with jittered back-off, and becomes ``connected`` by
+itself. Once connected, nats-py reconnects for ever (``max_reconnect_attempts=-1``) and
+every (re)connection re-provisions the streams and runs the ``on_connect`` callbacks.
+
+The module-level functions (``init_nats``, ``publish``...) act on one default client,
+as in the spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsConnection
+from nats.aio.client import Server as NatsServerInfo
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from nats.js.errors import NoStreamResponseError
+
+from liquidcrypto import codec
+from liquidcrypto.config import Settings
+from liquidcrypto.errors import (
+    InvalidPayloadError,
+    LiquidNatsError,
+    NatsUnavailableError,
+    RequestTimeoutError,
+)
+from liquidcrypto.nats import streams, subjects
+
+log = logging.getLogger(__name__)
+
+DEGRADED_LINE = "[Server] NATS not available - running in degraded mode"
+
+Handler = Callable[[Any], Any]
+MsgHandler = Callable[[Msg], Awaitable[None]]
+ConnectCallback = Callable[["NatsClient"], Awaitable[None]]
+
+# Pending limits of a subscription: explicit, so slow consumers are a counted event.
+DEFAULT_PENDING_MSGS = 65_536
+DEFAULT_PENDING_BYTES = 64 * 1024 * 1024
+_YIELD_EVERY = 256
+PROVISION_TIMEOUT = 15.0
+
+
+class ConnectionState(StrEnum):
+    """Where a client stands."""
+
+    NEW = "new"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DEGRADED = "degraded"
+    CLOSED = "closed"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any user, password or token replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+@lru_cache(maxsize=8192)
+def _checked_subject(subject: str) -> str:
+    return subjects.subject(subject)
+
+
+@lru_cache(maxsize=4096)
+def _checked_pattern(pattern: str) -> str:
+    return subjects.pattern(pattern)
+
+
+async def call_handler(handler: Callable[..., Any], *args: Any) -> Any:
+    """Call a sync or async handler and return its result."""
+    result = handler(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def _jittered_delay(attempt: int, base: float = 0.2, cap: float = 2.0) -> float:
+    """Exponential back-off with full jitter, capped so recovery stays within seconds."""
+    return random.uniform(base / 2, min(cap, base * 2**attempt))
+
+
+class Subscription:
+    """A JSON subscription that survives degraded starts.
+
+    It is established as soon as the client is connected (at once if it already is), and
+    nats-py restores it after every reconnect of the same connection.
+    """
+
+    def __init__(
+        self,
+        client: NatsClient,
+        subject: str,
+        callback: MsgHandler,
+        queue: str | None,
+        pending_msgs_limit: int,
+        pending_bytes_limit: int,
+    ) -> None:
+        self.client = client
+        self.subject = subject
+        self.queue = queue
+        self._callback = callback
+        self._pending_msgs_limit = pending_msgs_limit
+        self._pending_bytes_limit = pending_bytes_limit
+        self._sub: NatsSubscription | None = None
+        self.closed = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the server-side subscription exists now."""
+        return self._sub is not None and not self.closed
+
+    @property
+    def pending_msgs(self) -> int:
+        return self._sub.pending_msgs if self._sub is not None else 0
+
+    async def _establish(self, nc: NatsConnection) -> None:
+        if self.closed:
+            return
+        self._sub = await nc.subscribe(
+            self.subject,
+            queue=self.queue or "",
+            cb=self._callback,
+            pending_msgs_limit=self._pending_msgs_limit,
+            pending_bytes_limit=self._pending_bytes_limit,
+        )
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.client._subscriptions.discard(self)
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
+                pass
+            self._sub = None
+
+    async def drain(self) -> None:
+        """Process what is pending, then stop."""
+        if self._sub is not None and not self.closed:
+            try:
+                await self._sub.drain()
+            except nats.errors.ConnectionClosedError:
+                pass
+        await self.unsubscribe()
+
+
+class NatsClient:
+    """One NATS connection with degraded mode, provisioning and JSON helpers.
+
+    Use as ``async with NatsClient(url) as client:`` or call ``connect()``/``close()``.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        provision: bool = True,
+        **options: Any,
+    ) -> None:
+        """
+        Args:
+            url: server URL, or a comma-separated list (default from ``NATS_URL``).
+            settings: settings to use (default ``Settings.from_env()``).
+            provision: create/check the three streams on every (re)connection.
+            **options: passed to ``nats.connect`` over our defaults.
+        """
+        self.settings = settings or Settings.from_env()
+        if url is not None:
+            self.settings = _replace_url(self.settings, url)
+        self.servers = self.settings.nats_servers()
+        self._provision = provision
+        self._options = options
+        self.state = ConnectionState.NEW
+        self._nc: NatsConnection | None = None
+        self._js: JetStreamContext | None = None
+        self._connected = asyncio.Event()
+        self._first_failure = asyncio.Event()
+        self._pending_nc: NatsConnection | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._subscriptions: set[Subscription] = set()
+        self._on_connect: list[ConnectCallback] = []
+        self._publish_count = 0
+        self.slow_consumer_events = 0
+        self.reconnects = 0
+        self.last_error: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> NatsClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self, *, wait: float | None = None) -> NatsClient:
+        """Connect, or go to degraded mode and keep trying in the background.
+
+        Returns as soon as the client is connected, or the first attempt failed, or the
+        connect timeout passed — whichever comes first. It never raises because NATS is down.
+
+        Args:
+            wait: if given, wait up to this many seconds to be connected, then raise
+                ``NatsUnavailableError`` (for callers that cannot run degraded).
+
+        Returns:
+            the client itself, connected or degraded.
+        """
+        if self.state is ConnectionState.CLOSED:
+            raise LiquidNatsError("client is closed")
+        if self.state is not ConnectionState.NEW:
+            return self
+        self.state = ConnectionState.CONNECTING
+        # nats-py retries the initial connect for ever when max_reconnect_attempts=-1;
+        # run it as an owned task and stop waiting at the first failure.
+        self._spawn(self._initial_connect(), "nats-connect")
+        first = asyncio.ensure_future(self._first_failure.wait())
+        connected = asyncio.ensure_future(self._connected.wait())
+        timeout = float(self._connect_options()["connect_timeout"]) + 1
+        await asyncio.wait({first, connected}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        first.cancel()
+        if self._nc is not None and not self._connected.is_set():
+            # Connected, still provisioning (a cluster electing its stream leaders).
+            await asyncio.wait({connected}, timeout=PROVISION_TIMEOUT)
+        connected.cancel()
+        if not self._connected.is_set():
+            self._enter_degraded()
+        if wait is not None:
+            await self.wait_connected(wait)
+        return self
+
+    async def _initial_connect(self) -> None:
+        nc = NatsConnection()
+        self._pending_nc = nc
+        try:
+            await nc.connect(**self._connect_options())
+        finally:
+            self._pending_nc = None
+        if self.state is ConnectionState.CLOSED:
+            await nc.close()
+            return
+        self._nc = nc
+        self._js = nc.jetstream(timeout=5)
+        if self.state is ConnectionState.DEGRADED:
+            log.info("NATS reachable at %s; leaving degraded mode", self.display_url)
+        await self._reprovision()
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until connected and provisioned.
+
+        Raises:
+            NatsUnavailableError: not connected within ``timeout`` seconds.
+        """
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            raise NatsUnavailableError(
+                f"NATS at {self.display_url} not connected within {timeout:g} s"
+                + (f" (last error: {self.last_error})" if self.last_error else "")
+            ) from None
+
+    async def close(self) -> None:
+        """Drain the connection, stop background work; idempotent."""
+        if self.state is ConnectionState.CLOSED:
+            return
+        self.state = ConnectionState.CLOSED
+        self._connected.clear()
+        pending = self._pending_nc
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if pending is not None and not pending.is_closed:
+            await pending.close()
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.drain(), timeout=5)
+            except Exception as exc:  # noqa: BLE001 - closing must not raise
+                log.debug("drain failed (%s); closing", exc)
+            if not nc.is_closed:
+                await nc.close()
+        self._subscriptions.clear()
+
+    def on_connect(self, callback: ConnectCallback) -> None:
+        """Run ``callback(client)`` after every (re)connection and provisioning.
+
+        If the client is connected now, the callback also runs at the next reconnect only;
+        callers that need it now call it themselves.
+        """
+        self._on_connect.append(callback)
+
+    def remove_on_connect(self, callback: ConnectCallback) -> None:
+        if callback in self._on_connect:
+            self._on_connect.remove(callback)
+
+    # -- state -----------------------------------------------------------------
+
+    @property
+    def display_url(self) -> str:
+        return ",".join(redact_url(u) for u in self.servers)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected and self.state is ConnectionState.CONNECTED
+
+    @property
+    def nc(self) -> NatsConnection:
+        """The nats-py connection.
+
+        Raises:
+            NatsUnavailableError: there is none (degraded or closed).
+        """
+        if self._nc is None or self._nc.is_closed:
+            raise NatsUnavailableError(f"NATS at {self.display_url} is not available ({self.state})")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context of the connection (see ``nc``)."""
+        if self._js is None:
+            raise NatsUnavailableError(f"NATS at {self.display_url} is not available ({self.state})")
+        return self._js
+
+    @property
+    def server_id(self) -> str | None:
+        if self._nc is None or not self._nc.is_connected:
+            return None
+        sid = self._nc._server_info.get("server_id")
+        return str(sid) if sid else None
+
+    # -- connecting ------------------------------------------------------------
+
+    def _connect_options(self) -> dict[str, Any]:
+        s = self.settings
+        opts: dict[str, Any] = {
+            "servers": self.servers,
+            "name": s.nats_name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 2,
+            "ping_interval": 10,
+            "max_outstanding_pings": 3,
+            "reconnect_to_server_handler": _pick_server,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+        }
+        if s.nats_user:
+            opts["user"] = s.nats_user
+            opts["password"] = s.nats_password or ""
+        if s.nats_token:
+            opts["token"] = s.nats_token
+        if s.nats_creds:
+            opts["user_credentials"] = s.nats_creds
+        if s.nats_nkey_seed:
+            seed = s.nats_nkey_seed.strip()
+            if seed.startswith("SU"):
+                opts["nkeys_seed_str"] = seed
+            else:
+                opts["nkeys_seed"] = seed
+        tls = _tls_context(s)
+        if tls is not None:
+            opts["tls"] = tls
+        opts.update(self._options)
+        return opts
+
+    def _enter_degraded(self) -> None:
+        if self.state is not ConnectionState.DEGRADED and self.state is not ConnectionState.CLOSED:
+            self.state = ConnectionState.DEGRADED
+            log.warning(DEGRADED_LINE)
+            log.warning(
+                "NATS at %s: %s; retrying in the background", self.display_url, self.last_error or "no answer"
+            )
+
+    async def _after_connect(self) -> None:
+        """Provision, re-establish pending subscriptions, run callbacks; then mark connected."""
+        nc = self.nc
+        if self._provision:
+            await self.provision()
+        for sub in list(self._subscriptions):
+            if sub._sub is None:
+                await sub._establish(nc)
+        self.state = ConnectionState.CONNECTED
+        self._connected.set()
+        log.info("NATS connected to server %s (%s)", self.server_id, self.display_url)
+        for cb in list(self._on_connect):
+            try:
+                await cb(self)
+            except Exception:
+                log.exception("on_connect callback %r failed", cb)
+
+    async def provision(self) -> None:
+        """Create or check the three streams (idempotent)."""
+        await streams.provision(self.js, self.settings.js_replicas, self.settings.dedupe_window)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self.slow_consumer_events += 1
+            log.warning("slow consumer on %s (sid %s): messages dropped", exc.subject, exc.sid)
+            return
+        self.last_error = _describe(exc)
+        if self.state is ConnectionState.CONNECTING:
+            self._first_failure.set()
+        log.debug("NATS error: %s", self.last_error)
+
+    async def _on_disconnected(self) -> None:
+        if self.state is ConnectionState.CONNECTED:
+            self.state = ConnectionState.DEGRADED
+            self._connected.clear()
+            log.warning("NATS disconnected from %s; reconnecting", self.display_url)
+
+    async def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        log.info("NATS reconnected to %s", self.server_id)
+        # Provision in an owned task: nats-py awaits this callback in its read path.
+        self._spawn(self._reprovision(), "nats-reprovision")
+
+    async def _reprovision(self) -> None:
+        attempt = 0
+        while self.state is not ConnectionState.CLOSED:
+            try:
+                await self._after_connect()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retry; JetStream may not be ready yet
+                attempt += 1
+                self.last_error = _describe(exc)
+                log.warning("provisioning after reconnect failed (%s); retrying", self.last_error)
+                await asyncio.sleep(_jittered_delay(attempt))
+
+    async def _on_closed(self) -> None:
+        if self.state is not ConnectionState.CLOSED:
+            log.warning("NATS connection closed unexpectedly")
+            self.state = ConnectionState.DEGRADED
+            self._connected.clear()
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- health ----------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """The spec's health shape.
+
+        ``{"connected": bool, "server": str|None, "rtt": ms|None,
+        "jetstream": {"enabled": bool, "streams": int}}`` where ``streams`` counts the
+        spec's three streams that exist.
+        """
+        out = empty_health()
+        if not self.is_connected:
+            return out
+        nc = self.nc
+        try:
+            rtt = await nc.rtt(timeout=2)
+        except Exception:  # noqa: BLE001 - health reports, never raises
+            return out
+        out["connected"] = True
+        out["server"] = self.server_id
+        out["rtt"] = round(rtt * 1000, 3)
+        try:
+            infos = await asyncio.wait_for(self.js._jsm.streams_info(), timeout=2)
+        except Exception:  # noqa: BLE001
+            return out
+        names = {i.config.name for i in infos}
+        out["jetstream"] = {"enabled": True, "streams": sum(n in names for n in streams.STREAM_NAMES)}
+        return out
+
+    # -- messaging -------------------------------------------------------------
+
+    async def publish(self, subject: str, data: Any, headers: dict[str, str] | None = None) -> None:
+        """Publish ``data`` as JSON on core NATS.
+
+        While reconnecting, messages wait in nats-py's reconnect buffer.
+
+        Raises:
+            InvalidSubjectError: the subject is invalid.
+            InvalidPayloadError: ``data`` is not JSON-able.
+            NatsUnavailableError: NATS is absent or the reconnect buffer is full.
+        """
+        payload = codec.encode(data)
+        await self.publish_raw(_checked_subject(subject), payload, headers)
+
+    async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Publish bytes on an already validated subject (hot paths)."""
+        try:
+            await self.nc.publish(subject, payload, headers=headers)
+        except nats.errors.OutboundBufferLimitError as exc:
+            raise NatsUnavailableError(
+                f"NATS reconnect buffer full while publishing to {subject!r}; message not sent"
+            ) from exc
+        except nats.errors.ConnectionClosedError as exc:
+            raise NatsUnavailableError(f"NATS connection closed; message to {subject!r} not sent") from exc
+        # nats-py's publish never yields; a hot loop would starve subscribers here.
+        self._publish_count += 1
+        if self._publish_count % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+
+    async def js_publish(
+        self,
+        subject: str,
+        data: Any,
+        *,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,
+    ) -> PubAck:
+        """Publish ``data`` as JSON to JetStream and wait for the stored acknowledgement.
+
+        Args:
+            msg_id: sent as ``Nats-Msg-Id`` so the stream drops a repeat in its window.
+
+        Returns:
+            the ``PubAck`` (``.seq``, ``.duplicate``, ``.stream``).
+
+        Raises:
+            NatsUnavailableError: it could not be stored (no connection, no stream, timeout).
+        """
+        subject = _checked_subject(subject)
+        payload = codec.encode(data)
+        hdrs = dict(headers) if headers else {}
+        if msg_id is not None:
+            hdrs["Nats-Msg-Id"] = msg_id
+        try:
+            return await self.js.publish(subject, payload, timeout=timeout, headers=hdrs or None)
+        except NoStreamResponseError as exc:
+            raise NatsUnavailableError(f"no JetStream stream stored {subject!r}") from exc
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise NatsUnavailableError(f"JetStream did not acknowledge {subject!r} within {timeout:g} s") from exc
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+            raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
+
+    def json_callback(self, subject: str, handler: Handler) -> MsgHandler:
+        """Wrap ``handler(data)`` as a nats-py callback.
+
+        Bad JSON is logged and skipped; handler exceptions are logged with the subject and
+        the subscription carries on. If the message has a reply subject and the handler
+        returns something other than ``None``, it is sent back as the JSON reply.
+        """
+
+        async def callback(msg: Msg) -> None:
+            try:
+                data = codec.decode(msg.data)
+            except InvalidPayloadError as exc:
+                log.warning("skipping message on %s: %s", msg.subject, exc)
+                return
+            try:
+                result = await call_handler(handler, data)
+            except Exception:
+                log.exception("handler for %s failed on a message from %s", subject, msg.subject)
+                return
+            if msg.reply and result is not None:
+                try:
+                    await msg.respond(codec.encode(result))
+                except Exception:
+                    log.exception("reply to %s failed", msg.subject)
+
+        return callback
+
+    async def subscribe(
+        self,
+        subject: str,
+        handler: Handler,
+        queue: str | None = None,
+        *,
+        pending_msgs_limit: int = DEFAULT_PENDING_MSGS,
+        pending_bytes_limit: int = DEFAULT_PENDING_BYTES,
+    ) -> Subscription:
+        """Subscribe ``handler(data)`` (sync or async) to a subject or wildcard pattern.
+
+        In degraded mode the subscription is recorded and established on connection.
+
+        Raises:
+            InvalidSubjectError: the pattern or queue name is invalid.
+        """
+        _checked_pattern(subject)
+        if queue is not None:
+            subjects.token(queue, "queue group")
+        return await self.subscribe_msgs(
+            subject,
+            self.json_callback(subject, handler),
+            queue,
+            pending_msgs_limit=pending_msgs_limit,
+            pending_bytes_limit=pending_bytes_limit,
+        )
+
+    async def subscribe_msgs(
+        self,
+        subject: str,
+        callback: MsgHandler,
+        queue: str | None = None,
+        *,
+        pending_msgs_limit: int = DEFAULT_PENDING_MSGS,
+        pending_bytes_limit: int = DEFAULT_PENDING_BYTES,
+    ) -> Subscription:
+        """Subscribe a raw nats-py message callback (for components needing headers/metadata)."""
+        if self.state is ConnectionState.CLOSED:
+            raise LiquidNatsError("client is closed")
+        sub = Subscription(self, subject, callback, queue, pending_msgs_limit, pending_bytes_limit)
+        self._subscriptions.add(sub)
+        if self.is_connected:
+            await sub._establish(self.nc)
+        return sub
+
+    async def request(self, subject: str, data: Any, timeout: float = 2.0) -> Any:
+        """Send ``data`` and return the decoded JSON reply.
+
+        Raises:
+            RequestTimeoutError: no reply within ``timeout`` seconds, or no responder.
+            NatsUnavailableError: NATS is not available.
+        """
+        subject = _checked_subject(subject)
+        payload = codec.encode(data)
+        try:
+            msg = await self.nc.request(subject, payload, timeout=timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError) as exc:
+            raise RequestTimeoutError(subject, timeout) from exc
+        except nats.errors.ConnectionClosedError as exc:
+            raise NatsUnavailableError(f"NATS connection closed; request to {subject!r} not sent") from exc
+        return codec.decode(msg.data)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the server has processed everything published so far."""
+        await self.nc.flush(timeout=int(timeout) or 1)
+
+
+def empty_health() -> dict[str, Any]:
+    """The health of a client that is not connected."""
+    return {"connected": False, "server": None, "rtt": None, "jetstream": {"enabled": False, "streams": 0}}
+
+
+def _replace_url(settings: Settings, url: str) -> Settings:
+    return dataclasses.replace(settings, nats_url=url)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def _pick_server(servers: list[NatsServerInfo], info: dict[str, Any]) -> tuple[NatsServerInfo | None, float]:
+    """nats-py reconnect hook: least-tried server first, jittered exponential delay."""
+    best = min(servers, key=lambda s: s.reconnects)
+    return best, _jittered_delay(best.reconnects)
+
+
+def _tls_context(s: Settings) -> ssl.SSLContext | None:
+    if not (s.nats_tls_ca or s.nats_tls_cert):
+        return None
+    ctx = ssl.create_default_context(cafile=s.nats_tls_ca)
+    if s.nats_tls_cert:
+        ctx.load_cert_chain(s.nats_tls_cert, s.nats_tls_key)
+    return ctx
+
+
+# -- the module-level default client (the spec's functions) ----------------------
+
+_default: NatsClient | None = None
+
+
+def get_client() -> NatsClient:
+    """The default client.
+
+    Raises:
+        NatsUnavailableError: ``init_nats()`` has not been called.
+    """
+    if _default is None:
+        raise NatsUnavailableError("NATS is not initialised; call init_nats() first")
+    return _default
+
+
+async def init_nats(url: str | None = None, **options: Any) -> NatsClient:
+    """Connect the default client; never raises because NATS is down (degraded mode)."""
+    global _default
+    if _default is not None and _default.state is not ConnectionState.CLOSED:
+        return _default
+    _default = NatsClient(url, **options)
+    await _default.connect()
+    return _default
+
+
+async def close_nats() -> None:
+    """Drain and close the default client."""
+    global _default
+    client, _default = _default, None
+    if client is not None:
+        await client.close()
+
+
+def is_nats_connected() -> bool:
+    return _default is not None and _default.is_connected
+
+
+async def get_nats_health() -> dict[str, Any]:
+    if _default is None:
+        return empty_health()
+    return await _default.health()
+
+
+async def publish(subject: str, data: Any) -> None:
+    await get_client().publish(subject, data)
+
+
+async def subscribe(subject: str, handler: Handler, queue: str | None = None) -> Subscription:
+    return await get_client().subscribe(subject, handler, queue)
+
+
+async def request(subject: str, data: Any, timeout: float = 2.0) -> Any:
+    return await get_client().request(subject, data, timeout)
+

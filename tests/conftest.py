@@ -1,0 +1,101 @@
+"""Fixtures: real nats-server processes (one node, a 3-node cluster) and a real redis-server,
+each on free loopback ports in temp dirs, stopped in ``finally``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from liquidcrypto.config import Settings
+from liquidcrypto.nats.client import NatsClient
+from liquidcrypto.nats.embedded import NatsCluster, NatsServer, free_port
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A fresh single-node nats-server with JetStream (file storage in tmp_path)."""
+    srv = NatsServer(tmp_path / "nats")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A fresh 3-node nats-server cluster with JetStream."""
+    cluster = NatsCluster(tmp_path / "cluster", 3)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def client(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
+    """A connected, provisioned client of ``nats_server``."""
+    c = NatsClient(nats_server.url, settings=Settings())
+    await c.connect(wait=15)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+async def make_client(nats_server: NatsServer) -> AsyncIterator[Callable[..., Awaitable[NatsClient]]]:
+    """Factory for more connected clients of ``nats_server`` (closed at the end)."""
+    made: list[NatsClient] = []
+
+    async def make(url: str | None = None, **kwargs: Any) -> NatsClient:
+        c = NatsClient(url or nats_server.url, settings=kwargs.pop("settings", Settings()), **kwargs)
+        await c.connect(wait=15)
+        made.append(c)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            await c.close()
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server on a free port (fails, never skips, when redis-server is missing)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not on PATH; install it (Debian: apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        import socket
+
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
