@@ -16,6 +16,12 @@ from liquidcrypto.nats.client import (
     subscribe,
 )
 
+# --- a2a_bus exports (issue 3) ---
+# --- end a2a_bus exports ---
+
+# --- work_queue exports (issue 4) ---
+# --- end work_queue exports ---
+
 __all__ = [
     "ConnectionState",
     "NatsClient",
