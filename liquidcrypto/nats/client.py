@@ -18,6 +18,7 @@ import inspect
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from functools import lru_cache
@@ -492,7 +493,11 @@ class NatsClient:
             return out
         nc = self.nc
         try:
-            rtt = await nc.rtt(timeout=2)
+            # A PING/PONG timed with perf_counter: uvloop's loop.time() (used by nc.rtt)
+            # ticks in whole milliseconds.
+            start = time.perf_counter()
+            await nc.flush(timeout=2)
+            rtt = time.perf_counter() - start
         except Exception:  # noqa: BLE001 - health reports, never raises
             return out
         out["connected"] = True
