@@ -42,6 +42,7 @@ from liquidcrypto.errors import (
     LiquidNatsError,
     NatsUnavailableError,
     RequestTimeoutError,
+    StreamConflictError,
 )
 from liquidcrypto.nats import streams, subjects
 
@@ -212,6 +213,7 @@ class NatsClient:
         self.slow_consumer_events = 0
         self.reconnects = 0
         self.last_error: str | None = None
+        self.stream_conflicts: list[StreamConflictError] = []
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -295,10 +297,7 @@ class NatsClient:
         self.state = ConnectionState.CLOSED
         self._connected.clear()
         pending = self._pending_nc
-        for task in list(self._background):
-            task.cancel()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._cancel_background()
         if pending is not None and not pending.is_closed:
             await pending.close()
         nc, self._nc, self._js = self._nc, None, None
@@ -421,9 +420,12 @@ class NatsClient:
             except Exception:
                 log.exception("on_connect callback %r failed", cb)
 
-    async def provision(self) -> None:
-        """Create or check the three streams (idempotent)."""
-        await streams.provision(self.js, self.settings.js_replicas, self.settings.dedupe_window)
+    async def provision(self) -> list[StreamConflictError]:
+        """Create or check the three streams (idempotent); the conflicts found, logged."""
+        self.stream_conflicts = await streams.provision(
+            self.js, self.settings.js_replicas, self.settings.dedupe_window
+        )
+        return self.stream_conflicts
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
@@ -466,6 +468,18 @@ class NatsClient:
             log.warning("NATS connection closed unexpectedly")
             self.state = ConnectionState.DEGRADED
             self._connected.clear()
+
+    async def _cancel_background(self) -> None:
+        # Cancel again until done: on Python 3.11 asyncio.wait_for inside nats-py's connect
+        # loop can swallow a cancellation that races with a refused connection.
+        for _ in range(40):
+            pending = [t for t in self._background if not t.done()]
+            if not pending:
+                return
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.25)
+        log.warning("background tasks still running after close: %s", [t.get_name() for t in self._background])
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

@@ -117,7 +117,20 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
 
 async def provision(
     js: JetStreamContext, replicas: int = 1, dedupe_window: float = DEFAULT_WORK_QUEUE_DEDUPE_WINDOW
-) -> None:
-    """Ensure the three streams exist as specified (idempotent)."""
+) -> list[StreamConflictError]:
+    """Ensure the three streams exist as specified (idempotent).
+
+    A stream in conflict is logged as an error and left as it is; the others are still
+    provisioned, so one misconfigured stream does not take the service down.
+
+    Returns:
+        the errors of the streams in conflict (empty when all is well).
+    """
+    conflicts: list[StreamConflictError] = []
     for cfg in stream_configs(replicas, dedupe_window):
-        await ensure_stream(js, cfg)
+        try:
+            await ensure_stream(js, cfg)
+        except StreamConflictError as exc:
+            log.error("%s", exc)
+            conflicts.append(exc)
+    return conflicts
