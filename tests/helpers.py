@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+import httpx
 
 
 async def eventually(
@@ -22,3 +30,62 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout} s")
         await asyncio.sleep(interval)
+
+
+class CliProcess:
+    """A ``liquidcrypto`` command running as a real subprocess, its output in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.log_path = cwd / f"cli-{args[0]}-{id(self)}.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "WS_", "REDIS_"))}
+        full_env.update(env)
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "liquidcrypto", *args],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env, cwd=cwd,
+            )
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def cli(args: list[str], env: dict[str, str], cwd: Path) -> Iterator[CliProcess]:
+    """Run ``python -m liquidcrypto *args``; SIGINT (then SIGKILL) in ``finally``."""
+    p = CliProcess(args, env, cwd)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+async def http_get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        resp = await http.get(url)
+        return resp.status_code, resp.json()
+
+
+async def wait_http(url: str, proc: CliProcess | None = None, timeout: float = 20.0) -> tuple[int, Any]:
+    """Poll ``url`` until it answers; fail with the process output if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.proc.returncode}:\n{proc.output}")
+        try:
+            return await http_get_json(url)
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not answer within {timeout} s:\n{proc.output if proc else ''}")
+        await asyncio.sleep(0.05)

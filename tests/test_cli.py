@@ -1,0 +1,92 @@
+"""The ``liquidcrypto`` command as a user runs it: real subprocesses, real servers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from liquidcrypto.config import Settings
+from liquidcrypto.nats.client import NatsClient
+from liquidcrypto.nats.embedded import NatsServer, free_port, port_in_use
+from tests.helpers import cli, eventually, wait_http
+
+
+async def test_dev_starts_embedded_nats_and_service_then_stops_both(tmp_path: Path) -> None:
+    nats_port, http_port = free_port(), free_port()
+    env = {"NATS_URL": f"nats://127.0.0.1:{nats_port}", "PORT": str(http_port)}
+    with cli(["dev"], env, tmp_path) as dev:
+        status, body = await wait_http(f"http://127.0.0.1:{http_port}/api/v1/nats/health", dev)
+        assert status == 200
+        assert body["connected"] is True
+        assert body["jetstream"] == {"enabled": True, "streams": 3}
+        assert isinstance(body["rtt"], float)
+        assert "started embedded nats-server" in dev.output
+        assert (tmp_path / ".liquidcrypto" / "nats" / "jetstream").is_dir()
+        assert dev.stop() in (0, 130)  # 130: uvicorn re-raises SIGINT after a clean shutdown
+        assert "embedded nats-server stopped" in dev.output
+    assert not port_in_use("127.0.0.1", nats_port), "embedded nats-server stopped with the service"
+    assert not port_in_use("127.0.0.1", http_port)
+
+
+async def test_dev_uses_a_running_nats_server(tmp_path: Path, nats_server: NatsServer) -> None:
+    http_port = free_port()
+    with cli(["dev"], {"NATS_URL": nats_server.url, "PORT": str(http_port)}, tmp_path) as dev:
+        status, body = await wait_http(f"http://127.0.0.1:{http_port}/api/v1/nats/health", dev)
+        assert status == 200
+        assert "using the NATS server" in dev.output
+        assert "started embedded" not in dev.output
+    assert nats_server.running
+
+
+async def test_dev_reports_a_port_taken_by_something_else(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "liquidcrypto", "dev"],
+            env={"PATH": "/usr/bin:/bin", "NATS_URL": f"nats://127.0.0.1:{port}", "PORT": str(free_port())},
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )
+    assert proc.returncode == 1
+    assert f"client port 127.0.0.1:{port} is already in use" in proc.stderr + proc.stdout
+
+
+async def test_health_command_exit_codes(tmp_path: Path, nats_server: NatsServer) -> None:
+    http_port = free_port()
+    base = f"http://127.0.0.1:{http_port}"
+    run = [sys.executable, "-m", "liquidcrypto", "health", "--url", base]
+    down = subprocess.run(run, capture_output=True, text=True, timeout=30)
+    assert down.returncode == 2 and "not reachable" in down.stderr
+    with cli(["serve"], {"NATS_URL": nats_server.url, "PORT": str(http_port)}, tmp_path) as svc:
+        await wait_http(base + "/api/v1/nats/health", svc)
+        ok = subprocess.run(run, capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "streams=3" in ok.stdout
+        nats_server.stop()
+
+        def unhealthy() -> bool:
+            return subprocess.run(run, capture_output=True, timeout=30).returncode == 1
+
+        await eventually(unhealthy, timeout=30, what="health exit 1 during outage")
+
+
+async def test_nats_server_command_runs_a_three_node_cluster(tmp_path: Path) -> None:
+    with cli(["nats-server", "--cluster", "3", "--port", "0", "--store-dir", str(tmp_path / "c")], {}, tmp_path) as proc:
+
+        def ready_line() -> re.Match[str] | None:
+            return re.search(r"NATS_URL=(\S+)", proc.output)
+
+        match = await eventually(ready_line, timeout=60, what="cluster ready line")
+        url = match.group(1)
+        assert url.count("nats://") == 3
+        async with NatsClient(url, settings=Settings(js_replicas=3)) as c:
+            await c.wait_connected(20)
+            info = await c.js.stream_info("A2A_TASKS")
+            assert info.config.num_replicas == 3
+        assert proc.stop() == 0
+    assert "stopped" in proc.output
