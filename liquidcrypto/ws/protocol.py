@@ -1,0 +1,141 @@
+"""The ``/ws`` wire protocol: client frames in, server frames out, defined once.
+
+Client frames (JSON text)::
+
+    {"action": "subscribe", "symbols": ["BTCUSDT"], "since_seq": 1234}   # or "last": 50
+    {"action": "unsubscribe", "symbols": ["BTCUSDT"]}
+    {"action": "ping"}
+
+Server frames (JSON text, each with a ``type``)::
+
+    {"type": "welcome", "instance": "...", "backend": "nats", "history": true}
+    {"type": "trade", "symbol": "BTCUSDT", "data": {...}, "seq": 1235}
+    {"type": "history", "symbol": "BTCUSDT", "count": 12, "complete": true, "last_seq": 1240}
+    {"type": "subscribed" | "unsubscribed", "symbols": [...]}
+    {"type": "broadcast", "data": ...}
+    {"type": "pong"}
+    {"type": "error", "message": "..."}
+
+Any frame may carry ``"missed": N``: the number of trades this client did not get since
+its previous frame (conflated or dropped because it read too slowly).
+
+Trade frames are built once per message per instance as text and shared by every
+client queue; the published JSON is embedded byte for byte, never re-encoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from liquidcrypto import codec
+from liquidcrypto.errors import InvalidPayloadError
+from liquidcrypto.nats import subjects
+
+ACTIONS = ("subscribe", "unsubscribe", "ping")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Subscribe:
+    """``{"action": "subscribe"}``: symbols, and optionally where to start the history."""
+
+    symbols: tuple[str, ...]
+    since_seq: int | dict[str, int] | None = None
+    last: int | None = None
+    conflate: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unsubscribe:
+    """``{"action": "unsubscribe"}``."""
+
+    symbols: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ping:
+    """``{"action": "ping"}``: answered with ``{"type": "pong"}`` (browsers cannot send ping frames)."""
+
+
+ClientFrame = Subscribe | Unsubscribe | Ping
+
+
+def _symbols(frame: dict[str, Any], max_symbols: int) -> tuple[str, ...]:
+    raw = frame.get("symbols")
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise InvalidPayloadError('"symbols" must be a non-empty list of strings')
+    if len(raw) > max_symbols:
+        raise InvalidPayloadError(f"{len(raw)} symbols in one frame exceeds the limit of {max_symbols}")
+    # token() raises InvalidSubjectError (a ValueError) naming the symbol.
+    return tuple(dict.fromkeys(subjects.token(s, "symbol") for s in raw))
+
+
+def _non_negative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidPayloadError(f'"{name}" must be a non-negative integer, not {value!r}')
+    return value
+
+
+def parse_client_frame(text: str | bytes, *, max_symbols: int) -> ClientFrame:
+    """Parse one client frame.
+
+    Args:
+        text: the frame as received.
+        max_symbols: most symbols one frame may name.
+
+    Raises:
+        InvalidPayloadError: not JSON, not an object, unknown action, bad field.
+        InvalidSubjectError: a symbol that cannot be a subject token.
+    """
+    frame = codec.decode(text.encode() if isinstance(text, str) else text)
+    if not isinstance(frame, dict):
+        raise InvalidPayloadError('a frame must be a JSON object with an "action"')
+    action = frame.get("action")
+    if action == "ping":
+        return Ping()
+    if action not in ACTIONS:
+        raise InvalidPayloadError(f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
+    symbols = _symbols(frame, max_symbols)
+    if action == "unsubscribe":
+        return Unsubscribe(symbols=symbols)
+    since: int | dict[str, int] | None = None
+    raw_since = frame.get("since_seq")
+    if isinstance(raw_since, dict):
+        since = {subjects.token(k, "symbol"): _non_negative_int(v, "since_seq") for k, v in raw_since.items()}
+    elif raw_since is not None:
+        since = _non_negative_int(raw_since, "since_seq")
+    last = frame.get("last")
+    if last is not None:
+        last = _non_negative_int(last, "last")
+    if since is not None and last is not None:
+        raise InvalidPayloadError('give "since_seq" or "last", not both')
+    conflate = frame.get("conflate", True)
+    if not isinstance(conflate, bool):
+        raise InvalidPayloadError('"conflate" must be true or false')
+    return Subscribe(symbols=symbols, since_seq=since, last=last, conflate=conflate)
+
+
+def symbol_prefix(symbol: str) -> str:
+    """The constant start of every trade frame of ``symbol`` (JSON-escaped once)."""
+    return '{"type":"trade","symbol":' + codec.encode(symbol).decode() + ',"data":'
+
+
+def trade_frame(prefix: str, data_json: str, seq: int) -> str:
+    """A trade frame from its symbol prefix, the published JSON text and the sequence."""
+    return f'{prefix}{data_json},"seq":{seq}}}'
+
+
+def with_missed(frame: str, missed: int) -> str:
+    """``frame`` (a JSON object) with ``"missed": missed`` added."""
+    return f'{frame[:-1]},"missed":{missed}}}'
+
+
+def frame(type_: str, **fields: Any) -> str:
+    """A server frame of ``type_`` with ``fields``."""
+    return codec.encode({"type": type_, **fields}).decode()
+
+
+def error_frame(message: str) -> str:
+    return frame("error", message=message)

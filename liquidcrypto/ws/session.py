@@ -1,0 +1,273 @@
+"""One connected ``/ws`` client: a bounded send queue with graded back-pressure.
+
+The fan-out calls ``offer_*`` without ever awaiting, so one slow client never delays
+the others; the client's own writer task drains the queue. As the queue fills up:
+
+1. **conflate** (queue length >= ``conflate_at``): a new trade replaces the queued,
+   not yet sent trade of the same symbol (the client gets the latest price, not every
+   tick), if the client's subscription allows it;
+2. **drop oldest** (queue full at ``queue_size``): the oldest queued frame goes;
+3. **disconnect** (``disconnect_after`` frames dropped or conflated since the writer last
+   managed to send): the client is closed with 1013 and a reason.
+
+Every trade the client does not get is counted, and its next frame carries
+``"missed": N``. Trades whose sequence was already queued for the client are skipped,
+which makes the history-to-live hand-over free of duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from liquidcrypto.ws import metrics, protocol
+
+log = logging.getLogger(__name__)
+
+SendText = Callable[[str], Awaitable[None]]
+
+CLOSE_TRY_AGAIN = 1013
+CLOSE_POLICY = 1008
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class _Entry:
+    symbol: str | None
+    seq: int
+    frame: str
+
+
+@dataclass(eq=False)
+class _SymbolState:
+    conflate: bool = True
+    last_seq: int = 0
+    replaying: bool = False
+    held: deque[tuple[int, str]] = field(default_factory=deque)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueuePolicy:
+    """The graded back-pressure thresholds of a client queue.
+
+    Attributes:
+        queue_size: most frames queued per client (then drop oldest).
+        conflate_at: queue length from which trades are conflated per symbol (0: never).
+        disconnect_after: frames lost since the last successful send that close the
+            client with 1013 (0: never).
+    """
+
+    queue_size: int = 1024
+    conflate_at: int = 256
+    disconnect_after: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be at least 1, not {self.queue_size}")
+
+
+class ClientSession:
+    """The server side of one ``/ws`` connection.
+
+    Args:
+        send: coroutine writing one text frame to the socket.
+        policy: back-pressure thresholds.
+        name: for logs (the peer address).
+    """
+
+    def __init__(self, send: SendText, policy: QueuePolicy, name: str = "") -> None:
+        self.id = next(_ids)
+        self.name = name or f"ws-{self.id}"
+        self.policy = policy
+        self.symbols: dict[str, _SymbolState] = {}
+        self._send = send
+        self._queue: deque[_Entry] = deque()
+        self._latest: dict[str, _Entry] = {}
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self.kicked = asyncio.Event()
+        self.close_code = 1000
+        self.close_reason = ""
+        self.sent = 0
+        self.conflated = 0
+        self.dropped = 0
+        self.duplicates = 0
+        self.missed = 0
+        self._lost_since_progress = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- offers: never await ---------------------------------------------------
+
+    def offer(self, frame: str) -> None:
+        """Queue a control frame (error, broadcast, ack...)."""
+        self._push(_Entry(None, 0, frame))
+
+    def offer_trade(self, symbol: str, seq: int, frame: str) -> None:
+        """Queue a live trade; held back while the symbol's history is replayed."""
+        state = self.symbols.get(symbol)
+        if state is None:
+            return
+        if state.replaying:
+            state.held.append((seq, frame))
+            if len(state.held) > self.policy.queue_size:
+                state.held.popleft()
+                self.dropped += 1
+                metrics.DROPPED.inc()
+                self._lose(dropped=True)
+            return
+        self._offer_trade(symbol, state, seq, frame)
+
+    def _offer_trade(self, symbol: str, state: _SymbolState, seq: int, frame: str) -> None:
+        if seq <= state.last_seq:
+            self.duplicates += 1
+            metrics.DUPLICATES.inc()
+            return
+        state.last_seq = seq
+        if state.conflate and self.policy.conflate_at and len(self._queue) >= self.policy.conflate_at:
+            entry = self._latest.get(symbol)
+            if entry is not None:
+                entry.seq, entry.frame = seq, frame
+                self.conflated += 1
+                metrics.CONFLATED.inc()
+                self._lose(dropped=False)
+                return
+        entry = _Entry(symbol, seq, frame)
+        self._latest[symbol] = entry
+        self._push(entry)
+
+    def _push(self, entry: _Entry) -> None:
+        if self.kicked.is_set():
+            return
+        if len(self._queue) >= self.policy.queue_size:
+            old = self._queue.popleft()
+            if old.symbol is not None and self._latest.get(old.symbol) is old:
+                del self._latest[old.symbol]
+            self.dropped += 1
+            metrics.DROPPED.inc()
+            self._lose(dropped=True)
+        self._queue.append(entry)
+        if len(self._queue) >= self._soft_limit():
+            self._room.clear()
+        self._wake.set()
+
+    def _soft_limit(self) -> int:
+        return self.policy.conflate_at or self.policy.queue_size
+
+    def _lose(self, *, dropped: bool) -> None:
+        self.missed += 1
+        self._lost_since_progress += 1
+        limit = self.policy.disconnect_after
+        if limit and self._lost_since_progress >= limit and not self.kicked.is_set():
+            self.kick(
+                CLOSE_TRY_AGAIN,
+                f"client too slow: {self._lost_since_progress} messages lost since its last read",
+            )
+
+    def kick(self, code: int, reason: str) -> None:
+        """Ask the endpoint to close this client with ``code`` and ``reason``."""
+        if self.kicked.is_set():
+            return
+        self.close_code, self.close_reason = code, reason
+        if code == CLOSE_TRY_AGAIN:
+            metrics.SLOW_DISCONNECTS.inc()
+        elif code == CLOSE_POLICY:
+            metrics.POLICY_CLOSES.inc()
+        log.warning("closing %s with %s: %s", self.name, code, reason)
+        self._queue.clear()
+        self._latest.clear()
+        self.kicked.set()
+        self._wake.set()
+        self._room.set()
+
+    # -- history hand-over -----------------------------------------------------
+
+    def begin_replay(self, symbol: str) -> None:
+        """Hold live trades of ``symbol`` until ``end_replay``."""
+        self.symbols[symbol].replaying = True
+
+    async def put_history(self, symbol: str, seq: int, frame: str) -> None:
+        """Queue a replayed trade, waiting for room rather than conflating or dropping."""
+        while not self._room.is_set():
+            await self._room.wait()
+        state = self.symbols.get(symbol)
+        if state is None or self.kicked.is_set():
+            return
+        if seq > state.last_seq:
+            state.last_seq = seq
+            self._push(_Entry(symbol, seq, frame))
+            metrics.HISTORY_FRAMES.inc()
+
+    def end_replay(self, symbol: str) -> None:
+        """Release the live trades held during the replay, skipping what history sent."""
+        state = self.symbols.get(symbol)
+        if state is None:
+            return
+        state.replaying = False
+        held, state.held = state.held, deque()
+        for seq, frame in held:
+            self._offer_trade(symbol, state, seq, frame)
+
+    # -- writer ----------------------------------------------------------------
+
+    async def run_writer(self) -> None:
+        """Send queued frames until cancelled or kicked."""
+        queue = self._queue
+        while not self.kicked.is_set():
+            if not queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            entry = queue.popleft()
+            if entry.symbol is not None and self._latest.get(entry.symbol) is entry:
+                del self._latest[entry.symbol]
+            if len(queue) < self._soft_limit():
+                self._room.set()
+            text = entry.frame
+            if self.missed:
+                text = protocol.with_missed(text, self.missed)
+                self.missed = 0
+            await self._send(text)
+            self.sent += 1
+            self._lost_since_progress = 0
+            metrics.FRAMES_SENT.inc()
+
+    def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        """Run ``coro`` as a task owned by this session (cancelled by ``cancel_tasks``)."""
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(f"{self.name}:{name}")
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def cancel_tasks(self) -> None:
+        tasks = list(self.tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queued": len(self._queue),
+            "sent": self.sent,
+            "conflated": self.conflated,
+            "dropped": self.dropped,
+            "duplicates": self.duplicates,
+        }

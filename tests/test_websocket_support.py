@@ -1,0 +1,157 @@
+"""Shared helpers of the WebSocket tests: app instances as real uvicorn processes, a client.
+
+(No tests here; the module is named for the ``tests/test_websocket*`` file set.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import websockets
+
+from liquidcrypto.nats.embedded import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class AppInstance:
+    """One ``uvicorn liquidcrypto.app:create_app --factory`` process on a free port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = {**os.environ, **self.env, "PORT": str(self.port)}
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "liquidcrypto.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(self.http + "/api/v1/ws/stats", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(
+                    f"app on port {self.port} did not start:\n{self.log_path.read_text()[-3000:]}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(self.http + "/api/v1/ws/stats", timeout=5).json()
+        return data
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def app_instances(n: int, env: dict[str, str], tmp: Path) -> Iterator[list[AppInstance]]:
+    """``n`` running instances with ``env`` (stopped at the end)."""
+    apps = [AppInstance(env, tmp / f"app{i}.log") for i in range(n)]
+    try:
+        for a in apps:
+            a.start()
+        yield apps
+    finally:
+        for a in apps:
+            a.stop()
+
+
+class WsClient:
+    """A ``websockets`` client that decodes frames and collects trades."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.frames: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs: Any) -> WsClient:
+        conn = await websockets.connect(url, **kwargs)
+        client = cls(conn)
+        welcome = await client.recv()
+        assert welcome["type"] == "welcome", welcome
+        return client
+
+    async def send(self, frame: Any) -> None:
+        await self.conn.send(frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode())
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.conn.recv(), timeout)
+        frame: dict[str, Any] = orjson.loads(raw)
+        self.frames.append(frame)
+        return frame
+
+    async def recv_type(self, type_: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = await self.recv(max(0.01, deadline - time.monotonic()))
+            if frame["type"] == type_:
+                return frame
+
+    async def subscribe(self, symbols: list[str], **extra: Any) -> dict[str, Any]:
+        await self.send({"action": "subscribe", "symbols": symbols, **extra})
+        return await self.recv_type("subscribed")
+
+    async def trades(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < count:
+            frame = await self.recv(max(0.01, deadline - time.monotonic()))
+            if frame["type"] == "trade":
+                out.append(frame)
+        return out
+
+    async def close(self) -> None:
+        await self.conn.close()
