@@ -10,6 +10,8 @@
     ├── RequestTimeoutError(TimeoutError) no reply within the timeout
     ├── IllegalTransitionError(ValueError) a task-state change the lifecycle forbids
     ├── StreamConflictError           an existing stream differs in a way we must not change
+    ├── ConsumerConflictError         a work-queue consumer would overlap another one
+    ├── DeadLetterNotFoundError(LookupError) no dead letter with that id
     └── EmbeddedServerError           the managed nats-server would not start
 
 Where a stdlib meaning fits, the error also derives from it so callers can catch either.
@@ -68,6 +70,18 @@ class IllegalTransitionError(LiquidNatsError, ValueError):
 
 class StreamConflictError(LiquidNatsError):
     """An existing JetStream stream has a retention we refuse to change silently."""
+
+
+class ConsumerConflictError(LiquidNatsError):
+    """A consumer on a work-queue stream would overlap another consumer's filter.
+
+    Work-queue streams allow one consumer per subject: e.g. two ``collect_results`` of
+    the same session at the same time.
+    """
+
+
+class DeadLetterNotFoundError(LiquidNatsError, LookupError):
+    """No dead letter has the given id (never existed, or already requeued)."""
 
 
 class EmbeddedServerError(LiquidNatsError):

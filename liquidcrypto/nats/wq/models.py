@@ -1,0 +1,277 @@
+"""The work queue's wire shapes, defined once: task, result, receipt, dead letter.
+
+On the wire tasks and results use the spec's camelCase keys (``sessionId``,
+``subPrdId``, ``createdAt``...), so a TypeScript peer reads them unchanged; in Python
+the fields are snake_case and both spellings are accepted on input. Times are
+milliseconds since the epoch, as the spec's ``Date.now()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from liquidcrypto import codec
+from liquidcrypto.errors import InvalidPayloadError, InvalidSubjectError, InvalidTaskError
+from liquidcrypto.nats import subjects
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch (the spec's ``Date.now()``)."""
+    return int(time.time() * 1000)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+class _Wire(BaseModel):
+    """Frozen model whose JSON keys are camelCase and whose input takes either case."""
+
+    model_config = ConfigDict(
+        frozen=True, populate_by_name=True, alias_generator=_camel, extra="ignore", str_strip_whitespace=False
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The camelCase dict sent on the wire."""
+        return self.model_dump(by_alias=True, mode="json")
+
+    def encode(self) -> bytes:
+        return codec.encode(self.to_wire())
+
+
+class OrchestratorTask(_Wire):
+    """One sub-PRD for a specialist agent (the spec's task)."""
+
+    session_id: str
+    sub_prd_id: str
+    specialist: str | None = None
+    payload: Any = None
+    created_at: int = Field(default_factory=now_ms)
+
+    @field_validator("session_id")
+    @classmethod
+    def _session(cls, v: str) -> str:
+        return subjects.token(v, "session_id")
+
+    @field_validator("sub_prd_id")
+    @classmethod
+    def _sub_prd(cls, v: str) -> str:
+        return subjects.token(v, "sub_prd_id")
+
+    @field_validator("specialist")
+    @classmethod
+    def _specialist(cls, v: str | None) -> str | None:
+        return None if v is None else subjects.token(v, "specialist")
+
+    @property
+    def subject(self) -> str:
+        """``orchestrator.tasks.{session_id}.{sub_prd_id}``"""
+        return subjects.orchestrator_task(self.session_id, self.sub_prd_id)
+
+    @property
+    def dedupe_id(self) -> str:
+        """The ``Nats-Msg-Id`` of a first enqueue: ``{session_id}.{sub_prd_id}``."""
+        return f"{self.session_id}.{self.sub_prd_id}"
+
+
+class TaskResult(_Wire):
+    """The outcome of one task (the spec's result)."""
+
+    session_id: str
+    sub_prd_id: str
+    success: bool
+    result: Any = None
+    error: str | None = None
+    completed_at: int = Field(default_factory=now_ms)
+
+    @field_validator("session_id")
+    @classmethod
+    def _session(cls, v: str) -> str:
+        return subjects.token(v, "session_id")
+
+    @field_validator("sub_prd_id")
+    @classmethod
+    def _sub_prd(cls, v: str) -> str:
+        return subjects.token(v, "sub_prd_id")
+
+    @property
+    def subject(self) -> str:
+        """``orchestrator.results.{session_id}.{sub_prd_id}``"""
+        return subjects.orchestrator_result(self.session_id, self.sub_prd_id)
+
+
+class EnqueueReceipt(BaseModel):
+    """What ``enqueue_orchestrator_task`` stored.
+
+    Attributes:
+        seq: the stream sequence of the task (of the first copy, for a duplicate).
+        duplicate: the stream already held this task id inside its duplicate window.
+        task_id: the ``Nats-Msg-Id`` used.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int
+    duplicate: bool
+    stream: str
+    task_id: str
+
+
+class DeadLetter(BaseModel):
+    """A task that exhausted its attempts, as kept in the ``ORCHESTRATOR_DLQ`` stream.
+
+    Attributes:
+        id: the dead letter's id (its ``ORCHESTRATOR_DLQ`` sequence, as a string).
+        task: the task as received (a dict; the raw text if it was not JSON).
+        task_id: the ``Nats-Msg-Id`` the task had.
+        attempts: handler runs that failed (or deliveries, for a task no worker finished).
+        last_error: why the last attempt failed.
+        failed_at: when it was dead-lettered (ms since the epoch).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = ""
+    task: Any
+    task_id: str
+    subject: str
+    attempts: int
+    last_error: str
+    failed_at: int = Field(default_factory=now_ms)
+
+
+class ResultSet(list[TaskResult]):
+    """The results of ``collect_results``: a list, plus whether it is complete.
+
+    Attributes:
+        session_id: the session collected.
+        expected: how many results were asked for.
+        complete: ``expected`` distinct sub-PRDs have a result.
+        missing: sub-PRDs known to be enqueued (still queued, or enqueued through this
+            ``WorkQueue``) that have no result yet; sorted.
+    """
+
+    def __init__(
+        self, results: list[TaskResult], *, session_id: str, expected: int, missing: list[str] | None = None
+    ) -> None:
+        super().__init__(results)
+        self.session_id = session_id
+        self.expected = expected
+        self.missing: list[str] = sorted(missing or [])
+
+    @property
+    def complete(self) -> bool:
+        return len(self) >= self.expected
+
+    def __repr__(self) -> str:
+        return (
+            f"ResultSet(session_id={self.session_id!r}, {len(self)}/{self.expected}, "
+            f"complete={self.complete}, missing={self.missing!r})"
+        )
+
+
+def _first_error(exc: ValidationError) -> str:
+    errs = exc.errors()
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in errs[:3]]
+    return "; ".join(parts)
+
+
+def coerce_task(task: OrchestratorTask | Mapping[str, Any]) -> OrchestratorTask:
+    """A task model from a model or a dict with snake_case or camelCase keys.
+
+    Raises:
+        InvalidSubjectError: (a ``ValueError``) an id cannot be a subject token.
+        InvalidTaskError: (a ``ValueError``) any other shape problem.
+    """
+    if isinstance(task, OrchestratorTask):
+        return task
+    if not isinstance(task, Mapping):
+        raise InvalidTaskError(f"task must be an OrchestratorTask or a dict, not {type(task).__name__}")
+    try:
+        return OrchestratorTask.model_validate(dict(task))
+    except ValidationError as exc:
+        _reraise_subject_error(exc)
+        raise InvalidTaskError(f"invalid task: {_first_error(exc)}") from exc
+
+
+def decode_task(raw: bytes) -> OrchestratorTask:
+    """Parse a task message body.
+
+    Raises:
+        InvalidPayloadError: not JSON.
+        InvalidTaskError / InvalidSubjectError: JSON of the wrong shape.
+    """
+    data = codec.decode(raw)
+    if not isinstance(data, dict):
+        raise InvalidTaskError(f"task message must be a JSON object, not {type(data).__name__}")
+    return coerce_task(data)
+
+
+def coerce_result(value: Any, task: OrchestratorTask) -> TaskResult:
+    """The result a handler returned, checked against its task.
+
+    Accepts a ``TaskResult`` or a dict (either key case); ``session_id``/``sub_prd_id``
+    default to the task's, ``completed_at`` to now. ``success`` is required.
+
+    Raises:
+        InvalidTaskError: the value has the wrong shape or names another task.
+    """
+    if isinstance(value, TaskResult):
+        result = value
+    elif isinstance(value, Mapping):
+        data = dict(value)
+        for snake, camel, default in (
+            ("session_id", "sessionId", task.session_id),
+            ("sub_prd_id", "subPrdId", task.sub_prd_id),
+        ):
+            if snake not in data and camel not in data:
+                data[snake] = default
+        if "success" not in data:
+            raise InvalidTaskError(
+                f"handler result for {task.session_id}/{task.sub_prd_id} has no 'success' field "
+                f"(keys: {sorted(map(str, data))[:8]})"
+            )
+        try:
+            result = TaskResult.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidTaskError(f"handler returned an invalid result: {_first_error(exc)}") from exc
+    else:
+        raise InvalidTaskError(
+            f"handler returned {type(value).__name__}; expected a TaskResult or a dict with "
+            "'success' (and optionally 'result', 'error')"
+        )
+    if (result.session_id, result.sub_prd_id) != (task.session_id, task.sub_prd_id):
+        raise InvalidTaskError(
+            f"handler returned a result for {result.session_id}/{result.sub_prd_id} "
+            f"while processing {task.session_id}/{task.sub_prd_id}"
+        )
+    return result
+
+
+def decode_result(raw: bytes) -> TaskResult:
+    """Parse a result message body.
+
+    Raises:
+        InvalidPayloadError: not JSON, or not a result.
+    """
+    data = codec.decode(raw)
+    if not isinstance(data, dict):
+        raise InvalidPayloadError(f"result message must be a JSON object, not {type(data).__name__}")
+    try:
+        return TaskResult.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidPayloadError(f"invalid result message: {_first_error(exc)}") from exc
+
+
+def _reraise_subject_error(exc: ValidationError) -> None:
+    """Surface an ``InvalidSubjectError`` raised inside a validator as itself."""
+    for err in exc.errors():
+        ctx = err.get("ctx") or {}
+        inner = ctx.get("error")
+        if isinstance(inner, InvalidSubjectError):
+            raise inner from exc

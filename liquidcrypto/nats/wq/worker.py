@@ -1,0 +1,345 @@
+"""The orchestrator worker: one fetch loop, bounded handler slots, exactly-once in effect.
+
+Per task: run the handler, publish its result with ``Nats-Msg-Id = result.{task_id}``,
+then double-ack (``ack_sync``). The loop fetches only as many messages as it has free
+slots, so a busy worker never holds tasks another worker could run; a heartbeat sends
+``in_progress()`` for every running task every ``ack_wait/2``. A failed run is counted
+in the attempts bucket and ``nak``-ed with a back-off delay; after ``max_deliver``
+failures the task gets a failure result and a dead letter, then is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from liquidcrypto import codec
+from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError, LiquidNatsError, NatsUnavailableError
+from liquidcrypto.nats.client import NatsClient, call_handler
+from liquidcrypto.nats.wq import dead_letters, infra, metrics
+from liquidcrypto.nats.wq.models import DeadLetter, OrchestratorTask, TaskResult, coerce_result, decode_task
+
+log = logging.getLogger(__name__)
+
+TaskHandler = Callable[[OrchestratorTask], Any]
+StopFn = Callable[[], Awaitable[None]]
+
+DEFAULT_ACK_WAIT = 30.0
+DEFAULT_MAX_DELIVER = 5
+DEFAULT_BACKOFF: tuple[float, ...] = (1.0, 5.0, 30.0)
+DEFAULT_STOP_TIMEOUT = 30.0
+FETCH_TIMEOUT = 1.0
+DECLINE_DELAY = 1.0
+MAX_REDELIVERIES = 200
+
+
+class Worker:
+    """One ``start_orchestrator_worker``: a fetch loop feeding ``concurrency`` handler slots."""
+
+    def __init__(
+        self,
+        client: NatsClient,
+        handler: TaskHandler,
+        *,
+        concurrency: int = 1,
+        specialist: str | None = None,
+        ack_wait: float = DEFAULT_ACK_WAIT,
+        max_deliver: int = DEFAULT_MAX_DELIVER,
+        backoff: Sequence[float] = DEFAULT_BACKOFF,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        decline_delay: float = DECLINE_DELAY,
+        max_redeliveries: int = MAX_REDELIVERIES,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if ack_wait <= 0.2:
+            raise ValueError(f"ack_wait must be more than 0.2 s, got {ack_wait}")
+        if max_deliver < 1:
+            raise ValueError(f"max_deliver must be at least 1, got {max_deliver}")
+        if any(b < 0 for b in backoff):
+            raise ValueError(f"backoff delays must not be negative, got {list(backoff)}")
+        self.client = client
+        self.handler = handler
+        self.concurrency = concurrency
+        self.specialist = specialist
+        self.ack_wait = ack_wait
+        self.max_deliver = max_deliver
+        self.backoff = tuple(backoff) or (0.0,)
+        self.stop_timeout = stop_timeout
+        self.decline_delay = decline_delay
+        self.max_redeliveries = max_redeliveries
+        self._psub: JetStreamContext.PullSubscription | None = None
+        self._kv: KeyValue | None = None
+        self._heartbeat_every = ack_wait / 2
+        self._running: dict[asyncio.Task[None], tuple[Msg, float]] = {}
+        self._slot_free = asyncio.Event()
+        self._slot_free.set()
+        self._stopping = False
+        self._rebind = True
+        self._loop: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.processed = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> StopFn:
+        """Provision and bind, then run; returns ``stop``.
+
+        Raises:
+            NatsUnavailableError: NATS is not available now.
+            ConsumerConflictError: another consumer overlaps ``orchestrator.tasks.>``.
+        """
+        await self._bind()
+        self.client.on_connect(self._on_reconnect)
+        self._loop = asyncio.create_task(self._fetch_loop(), name="wq-fetch")
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="wq-heartbeat")
+        log.info(
+            "orchestrator worker started: concurrency=%d specialist=%s ack_wait=%gs max_deliver=%d",
+            self.concurrency, self.specialist or "*", self.ack_wait, self.max_deliver,
+        )
+        return self.stop
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop fetching, let running tasks finish (up to ``timeout`` s), nak the rest.
+
+        Unfinished tasks are ``nak``-ed so another worker takes them at once; idempotent.
+        """
+        if self._stopping:
+            if self._loop is not None:
+                await asyncio.gather(self._loop, return_exceptions=True)
+            return
+        self._stopping = True
+        self.client.remove_on_connect(self._on_reconnect)
+        self._slot_free.set()
+        if self._loop is not None:
+            # The loop's fetch ends within FETCH_TIMEOUT; what it returns is still run.
+            await asyncio.gather(self._loop, return_exceptions=True)
+        running = list(self._running)
+        if running:
+            wait = self.stop_timeout if timeout is None else timeout
+            _done, pending = await asyncio.wait(running, timeout=wait)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("worker stop: %d task(s) unfinished; left for redelivery", len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self._psub is not None:
+            try:
+                await self._psub.unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - stopping must not raise
+                log.debug("unsubscribe on stop failed: %s", exc)
+            self._psub = None
+        log.info("orchestrator worker stopped after %d task(s)", self.processed)
+
+    async def _on_reconnect(self, client: NatsClient) -> None:
+        # nats.py #504: a pull subscription may go silent after a server restart.
+        self._rebind = True
+
+    async def _bind(self) -> None:
+        js = self.client.js
+        s = self.client.settings
+        await dead_letters.ensure(self.client)
+        self._kv = await infra.ensure_attempts_bucket(js, s.js_replicas)
+        info = await infra.ensure_worker_consumer(js, self.ack_wait)
+        actual = info.config.ack_wait or self.ack_wait
+        self._heartbeat_every = max(0.1, min(self.ack_wait, actual) / 2)
+        old, self._psub = self._psub, None
+        if old is not None:
+            try:
+                await old.unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - the old one may be gone with its connection
+                log.debug("old pull subscription: %s", exc)
+        self._psub = await js.pull_subscribe_bind(infra.WORKER_CONSUMER, stream=infra.TASKS_STREAM)
+        self._rebind = False
+
+    # -- the loops -------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            await self._slot_free.wait()
+            free = self.concurrency - len(self._running)
+            if self._stopping:
+                break
+            if free <= 0:
+                self._slot_free.clear()
+                continue
+            try:
+                if self._rebind or self._psub is None:
+                    await self._bind()
+                    metrics.CONSUMER_REBINDS.inc()
+                assert self._psub is not None
+                msgs = await self._psub.fetch(free, timeout=FETCH_TIMEOUT)
+            except TimeoutError:  # also nats.errors.TimeoutError: no messages
+                failures = 0
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive outages
+                failures += 1
+                self._rebind = True
+                delay = min(2.0, 0.1 * 2**failures)
+                log.warning("worker fetch failed (%s); rebinding in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for msg in msgs:
+                task = asyncio.create_task(self._run_one(msg), name="wq-task")
+                self._running[task] = (msg, time.monotonic())
+                task.add_done_callback(self._task_done)
+            metrics.IN_FLIGHT.inc(len(msgs))
+            if len(self._running) >= self.concurrency:
+                self._slot_free.clear()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        metrics.IN_FLIGHT.dec()
+        self._slot_free.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker task crashed", exc_info=task.exception())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_every)
+            now = time.monotonic()
+            for msg, started in list(self._running.values()):
+                if now - started >= self._heartbeat_every * 0.9:
+                    try:
+                        await msg.in_progress()
+                    except Exception as exc:  # noqa: BLE001 - next beat retries
+                        log.debug("in_progress failed: %s", exc)
+
+    # -- one task ----------------------------------------------------------------
+
+    async def _run_one(self, msg: Msg) -> None:
+        try:
+            await self._process(msg)
+        except asyncio.CancelledError:
+            # Stopped before finishing: hand it back at once (not counted as a failure).
+            try:
+                await msg.nak()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("nak on stop failed: %s", exc)
+            raise
+
+    async def _process(self, msg: Msg) -> None:
+        md = msg.metadata
+        headers = msg.headers or {}
+        task_id = headers.get(infra.HDR_MSG_ID) or f"seq{md.sequence.stream}"
+        try:
+            task = decode_task(msg.data)
+        except (InvalidPayloadError, InvalidTaskError, ValueError) as exc:
+            await self._give_up(msg, None, task_id, 1, f"malformed task: {exc}", outcome="invalid")
+            return
+        if self.specialist is not None and task.specialist != self.specialist:
+            metrics.TASKS_DONE.labels(outcome="declined").inc()
+            await msg.nak(delay=self.decline_delay)
+            return
+        if self.max_redeliveries > 0 and md.num_delivered > self.max_redeliveries:
+            await self._give_up(
+                msg, task, task_id, md.num_delivered,
+                f"delivered {md.num_delivered} times without completing (workers crashed, were stopped, "
+                "or no worker for its specialist)",
+            )
+            return
+        started = time.perf_counter()
+        try:
+            value = await call_handler(self.handler, task)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a handler failure is a retry, logged
+            await self._failed(msg, task, task_id, exc)
+            return
+        finally:
+            metrics.TASK_SECONDS.observe(time.perf_counter() - started)
+        try:
+            result = coerce_result(value, task)
+        except InvalidTaskError as exc:
+            await self._give_up(msg, task, task_id, 1, str(exc), outcome="invalid")
+            return
+        if not await self._publish_result(result, task_id):
+            await msg.nak(delay=self.backoff[0])
+            return
+        try:
+            await msg.ack_sync(timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - a redelivery re-publishes the same result id
+            log.warning("double ack of task %s failed (%s); a redelivery will be de-duplicated", task_id, exc)
+            return
+        self.processed += 1
+        metrics.TASKS_DONE.labels(outcome="success" if result.success else "failure").inc()
+
+    async def _failed(self, msg: Msg, task: OrchestratorTask, task_id: str, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        assert self._kv is not None
+        try:
+            attempts = await infra.record_failure(self._kv, task_id)
+        except Exception as kv_exc:  # noqa: BLE001 - fall back to the server's delivery count
+            log.warning("could not count failure of %s (%s); using delivery count", task_id, kv_exc)
+            attempts = msg.metadata.num_delivered
+        if attempts >= self.max_deliver:
+            log.warning("task %s failed %d time(s), giving up: %s", task_id, attempts, error)
+            await self._give_up(msg, task, task_id, attempts, error)
+            return
+        delay = self.backoff[min(attempts - 1, len(self.backoff) - 1)]
+        log.info(
+            "task %s failed (attempt %d/%d), retry in %gs: %s",
+            task_id, attempts, self.max_deliver, delay, error,
+        )
+        metrics.TASKS_DONE.labels(outcome="retry").inc()
+        await msg.nak(delay=delay)
+
+    async def _give_up(
+        self, msg: Msg, task: OrchestratorTask | None, task_id: str, attempts: int, error: str,
+        *, outcome: str = "failure",
+    ) -> None:
+        """Failure result + dead letter, then acknowledge; on any error leave it for redelivery."""
+        tokens = msg.subject.split(".")
+        raw_task: Any = task.to_wire() if task is not None else _raw_body(msg.data)
+        try:
+            if task is not None or len(tokens) == 4:
+                sid, pid = (task.session_id, task.sub_prd_id) if task is not None else (tokens[2], tokens[3])
+                failure = TaskResult(session_id=sid, sub_prd_id=pid, success=False, error=error)
+                if not await self._publish_result(failure, task_id):
+                    await msg.nak(delay=self.backoff[0])
+                    return
+            letter = DeadLetter(
+                task=raw_task, task_id=task_id, subject=msg.subject, attempts=attempts, last_error=error
+            )
+            await dead_letters.publish_dead_letter(self.client, letter)
+            await msg.ack_sync(timeout=5.0)
+        except (LiquidNatsError, ValueError, nats.errors.Error, TimeoutError) as exc:
+            log.error("could not dead-letter task %s (%s); it will be redelivered", task_id, exc)
+            return
+        self.processed += 1
+        metrics.TASKS_DONE.labels(outcome=outcome).inc()
+
+    async def _publish_result(self, result: TaskResult, task_id: str) -> bool:
+        for attempt in range(3):
+            try:
+                await self.client.js_publish(
+                    result.subject, result.to_wire(),
+                    msg_id=infra.result_msg_id(task_id), headers={infra.HDR_TASK_ID: task_id},
+                )
+                return True
+            except NatsUnavailableError as exc:
+                log.warning("result of %s not stored (%s); attempt %d/3", task_id, exc, attempt + 1)
+                await asyncio.sleep(0.2 * 2**attempt)
+        return False
+
+
+def _raw_body(data: bytes) -> Any:
+    try:
+        return codec.decode(data)
+    except InvalidPayloadError:
+        return data[:4096].decode("utf-8", errors="replace")
