@@ -65,6 +65,13 @@ class Settings:
     ws_max_symbols: int = 100
     ws_max_frame_bytes: int = 64 * 1024
     ws_queue_size: int = 1024
+    ws_conflate_at: int = 256
+    ws_disconnect_after: int = 4096
+    ws_publish_window: int = 1024
+    ws_history_max: int = 10_000
+    ws_max_bad_frames: int = 10
+    a2a_agent_ttl: float = 30.0
+    a2a_heartbeat_interval: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -103,6 +110,13 @@ class Settings:
             ws_max_symbols=_int(e, "WS_MAX_SYMBOLS", 100),
             ws_max_frame_bytes=_int(e, "WS_MAX_FRAME_BYTES", 64 * 1024),
             ws_queue_size=_int(e, "WS_QUEUE_SIZE", 1024),
+            ws_conflate_at=_int(e, "WS_CONFLATE_AT", 256),
+            ws_disconnect_after=_int(e, "WS_DISCONNECT_AFTER", 4096),
+            ws_publish_window=_int(e, "WS_PUBLISH_WINDOW", 1024),
+            ws_history_max=_int(e, "WS_HISTORY_MAX", 10_000),
+            ws_max_bad_frames=_int(e, "WS_MAX_BAD_FRAMES", 10),
+            a2a_agent_ttl=_float(e, "A2A_AGENT_TTL", 30.0),
+            a2a_heartbeat_interval=_float(e, "A2A_HEARTBEAT_INTERVAL", 10.0),
         )
 
     def nats_servers(self) -> list[str]:

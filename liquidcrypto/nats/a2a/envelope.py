@@ -1,0 +1,201 @@
+"""The one wire model of the A2A bus: ``Envelope``, used by every publisher and consumer.
+
+Every message on ``agents.>`` and ``system.>`` written by the bus is a JSON object::
+
+    {"id": "task-123", "kind": "task", "agent_id": "trading-agent", "type": "execute",
+     "data": {...}, "timestamp": 1732700000000,
+     "task_id": null, "correlation_id": null, "reply_to": null, "metadata": null}
+
+``timestamp`` is milliseconds since the epoch (the spec's ``Date.now()``). Fields that are
+``None`` are left out on the wire. Reading is lenient where it is safe: camelCase keys
+(``agentId``, ``correlationId``...) and ``payload`` for ``data`` are accepted, and a JSON
+object without ``id``/``agent_id``/``type``/``timestamp`` (a hand-written
+``nats pub agents.test.tasks.echo '{"data": 1}'``) gets them from the message's
+``Nats-Msg-Id`` header, its subject and the clock. Anything else (not JSON, not an
+object, a field of the wrong type) is a ``InvalidPayloadError``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from nats.nuid import NUID
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from liquidcrypto import codec
+from liquidcrypto.errors import InvalidPayloadError
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+SYSTEM_AGENT = "system"
+
+_nuid = NUID()
+
+
+class Kind(StrEnum):
+    """What an envelope carries."""
+
+    TASK = "task"
+    EVENT = "event"
+    SYSTEM = "system"
+    HEARTBEAT = "heartbeat"
+    REPLY = "reply"
+
+
+class Envelope(BaseModel):
+    """One A2A message: a task, an event, a system event, a heartbeat or a reply.
+
+    Read it as a model (``event.agent_id``) or like a dict (``event["agent_id"]``,
+    ``event.get("task_id")``). ``payload`` is another name for ``data``.
+    """
+
+    model_config = ConfigDict(
+        frozen=True, populate_by_name=True, alias_generator=to_camel, extra="ignore"
+    )
+
+    id: str
+    kind: Kind = Kind.EVENT
+    agent_id: str
+    type: str
+    data: Any = Field(default=None, validation_alias=AliasChoices("data", "payload"))
+    timestamp: int
+    task_id: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def payload(self) -> Any:
+        """The same as ``data`` (the spec's tasks carry a ``payload``)."""
+        return self.data
+
+    @property
+    def time(self) -> datetime:
+        """``timestamp`` as an aware UTC datetime."""
+        return datetime.fromtimestamp(self.timestamp / 1000, UTC)
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "payload":
+            return self.data
+        if key in type(self).model_fields:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style access with a default."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form as a dict (``None`` fields left out)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def new_id() -> str:
+    """A unique message id (a NATS NUID: 22 characters, cheap to make)."""
+    return _nuid.next().decode()
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def encode(
+    *,
+    id: str,
+    kind: Kind,
+    agent_id: str,
+    type: str,
+    data: Any,
+    task_id: str | None = None,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Serialise an envelope straight to JSON bytes (the hot publish path).
+
+    Equivalent to ``Envelope(...).to_dict()`` encoded, without building the model; a test
+    checks the two agree.
+
+    Raises:
+        InvalidPayloadError: ``data`` or ``metadata`` is not JSON-able.
+    """
+    out: dict[str, Any] = {
+        "id": id,
+        "kind": kind.value,
+        "agent_id": agent_id,
+        "type": type,
+        "timestamp": now_ms(),
+    }
+    if data is not None:
+        out["data"] = data
+    if task_id is not None:
+        out["task_id"] = task_id
+    if correlation_id is not None:
+        out["correlation_id"] = correlation_id
+    if reply_to is not None:
+        out["reply_to"] = reply_to
+    if metadata:
+        out["metadata"] = dict(metadata)
+    return codec.encode(out)
+
+
+def _defaults_from_subject(subject: str) -> tuple[Kind, str, str]:
+    """(kind, agent_id, type) implied by a subject of the bus."""
+    parts = subject.split(".")
+    if parts[0] == "system":
+        return Kind.SYSTEM, SYSTEM_AGENT, parts[-1]
+    agent = parts[1] if len(parts) > 1 else ""
+    if len(parts) > 2 and parts[2] == "tasks":
+        return Kind.TASK, agent, parts[3] if len(parts) > 3 else "tasks"
+    if len(parts) > 2 and parts[2] == "heartbeat":
+        return Kind.HEARTBEAT, agent, "heartbeat"
+    return Kind.EVENT, agent, parts[-1]
+
+
+def decode(raw: bytes, subject: str, headers: Mapping[str, str] | None = None) -> Envelope:
+    """Parse a message of the bus into an ``Envelope``.
+
+    Args:
+        raw: the message payload.
+        subject: the subject it arrived on (fills missing ``kind``/``agent_id``/``type``).
+        headers: its headers (``Nats-Msg-Id`` fills a missing ``id``).
+
+    Raises:
+        InvalidPayloadError: not JSON, not an object, or a field of the wrong type.
+    """
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidPayloadError(f"payload is not valid JSON ({exc}): {bytes(raw[:80])!r}") from exc
+    if not isinstance(obj, dict):
+        raise InvalidPayloadError(f"envelope must be a JSON object, not {type(obj).__name__}")
+    if "id" not in obj or "agent_id" not in obj or "type" not in obj or "timestamp" not in obj:
+        _fill_missing(obj, subject, headers)
+    try:
+        return Envelope.model_validate(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidPayloadError(f"wrong-shaped envelope: {where}: {first['msg']}") from exc
+
+
+def _fill_missing(obj: dict[str, Any], subject: str, headers: Mapping[str, str] | None) -> None:
+    kind, agent, type_ = _defaults_from_subject(subject)
+    if "id" not in obj:
+        obj["id"] = (headers or {}).get(MSG_ID_HEADER) or new_id()
+    if "agent_id" not in obj and "agentId" not in obj:
+        obj["agent_id"] = agent
+    if "type" not in obj:
+        obj["type"] = type_
+    if "kind" not in obj:
+        obj["kind"] = kind.value
+    if "timestamp" not in obj:
+        obj["timestamp"] = now_ms()
