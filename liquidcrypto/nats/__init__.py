@@ -18,20 +18,48 @@ from liquidcrypto.nats.client import (
 
 # --- a2a_bus exports (issue 3) ---
 # --- end a2a_bus exports ---
-
 # --- work_queue exports (issue 4) ---
+from liquidcrypto.nats.work_queue import (
+    DeadLetter,
+    EnqueueReceipt,
+    OrchestratorTask,
+    ResultSet,
+    ResultSubscription,
+    TaskResult,
+    WorkQueue,
+    collect_results,
+    enqueue_orchestrator_task,
+    list_dead_letters,
+    requeue_dead_letter,
+    start_orchestrator_worker,
+    subscribe_to_results,
+)
+
 # --- end work_queue exports ---
 
 __all__ = [
     "ConnectionState",
+    "DeadLetter",
+    "EnqueueReceipt",
     "NatsClient",
+    "OrchestratorTask",
+    "ResultSet",
+    "ResultSubscription",
     "Subscription",
+    "TaskResult",
+    "WorkQueue",
     "close_nats",
+    "collect_results",
+    "enqueue_orchestrator_task",
     "get_client",
     "get_nats_health",
     "init_nats",
     "is_nats_connected",
+    "list_dead_letters",
     "publish",
     "request",
+    "requeue_dead_letter",
+    "start_orchestrator_worker",
     "subscribe",
+    "subscribe_to_results",
 ]
