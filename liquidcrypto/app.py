@@ -9,15 +9,19 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
 
 from liquidcrypto.config import Settings
 from liquidcrypto.nats.client import NatsClient, close_nats, init_nats
+from liquidcrypto.websocket_nats import NatsWebSocketManager, websocket_endpoint
+
+STATIC_DIR = Path(__file__).parent / "static"
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,17 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def index(request: Request) -> FileResponse:
+    """``GET /``: the live trade dashboard (a page using ``/ws``)."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+async def ws_stats(request: Request) -> JSONResponse:
+    """``GET /api/v1/ws/stats``: this instance's WebSocket counters."""
+    manager: NatsWebSocketManager = request.app.state.ws_manager
+    return JSONResponse(manager.stats())
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI app.
 
@@ -46,13 +61,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.nats = await init_nats(settings=settings)
+        ws_manager = NatsWebSocketManager(app.state.nats, settings=settings)
         try:
+            await ws_manager.init()
+            app.state.ws_manager = ws_manager
             yield
         finally:
+            await ws_manager.close()
             await close_nats()
 
     routes = [
         Route("/api/v1/nats/health", nats_health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
+        Route("/api/v1/ws/stats", ws_stats, methods=["GET"]),
+        WebSocketRoute("/ws", websocket_endpoint),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -75,8 +75,13 @@ def _run_service(settings: Settings, log_level: str) -> None:
     from liquidcrypto.app import create_app
 
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower(),
-        log_config=None, ws_ping_interval=20.0, ws_ping_timeout=20.0,
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level.lower(),
+        log_config=None,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
     )
     uvicorn.Server(config).run()
 
@@ -224,8 +229,12 @@ def dlq_ls(limit: Annotated[int, typer.Option(help="Show at most this many.")] =
     for d in letters:
         task = d.task
         table.add_row(
-            str(d.id), str(getattr(task, "session_id", "")), str(getattr(task, "sub_prd_id", "")),
-            str(d.attempts), str(d.last_error), str(d.failed_at),
+            str(d.id),
+            str(getattr(task, "session_id", "")),
+            str(getattr(task, "sub_prd_id", "")),
+            str(d.attempts),
+            str(d.last_error),
+            str(d.failed_at),
         )
     console.print(table)
     console.print(f"{len(letters)} dead letter(s)")

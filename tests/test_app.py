@@ -29,7 +29,10 @@ def test_health_in_process_degraded(tmp_path: Path) -> None:
         resp = http.get("/api/v1/nats/health")
         assert resp.status_code == 503
         assert resp.json() == {
-            "connected": False, "server": None, "rtt": None, "jetstream": {"enabled": False, "streams": 0}
+            "connected": False,
+            "server": None,
+            "rtt": None,
+            "jetstream": {"enabled": False, "streams": 0},
         }
 
 

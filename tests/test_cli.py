@@ -33,7 +33,7 @@ async def test_dev_starts_embedded_nats_and_service_then_stops_both(tmp_path: Pa
 async def test_dev_uses_a_running_nats_server(tmp_path: Path, nats_server: NatsServer) -> None:
     http_port = free_port()
     with cli(["dev"], {"NATS_URL": nats_server.url, "PORT": str(http_port)}, tmp_path) as dev:
-        status, body = await wait_http(f"http://127.0.0.1:{http_port}/api/v1/nats/health", dev)
+        status, _ = await wait_http(f"http://127.0.0.1:{http_port}/api/v1/nats/health", dev)
         assert status == 200
         assert "using the NATS server" in dev.output
         assert "started embedded" not in dev.output
@@ -50,7 +50,10 @@ async def test_dev_reports_a_port_taken_by_something_else(tmp_path: Path) -> Non
         proc = subprocess.run(
             [sys.executable, "-m", "liquidcrypto", "dev"],
             env={"PATH": "/usr/bin:/bin", "NATS_URL": f"nats://127.0.0.1:{port}", "PORT": str(free_port())},
-            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert proc.returncode == 1
     assert f"client port 127.0.0.1:{port} is already in use" in proc.stderr + proc.stdout
@@ -76,7 +79,9 @@ async def test_health_command_exit_codes(tmp_path: Path, nats_server: NatsServer
 
 
 async def test_nats_server_command_runs_a_three_node_cluster(tmp_path: Path) -> None:
-    with cli(["nats-server", "--cluster", "3", "--port", "0", "--store-dir", str(tmp_path / "c")], {}, tmp_path) as proc:
+    with cli(
+        ["nats-server", "--cluster", "3", "--port", "0", "--store-dir", str(tmp_path / "c")], {}, tmp_path
+    ) as proc:
 
         def ready_line() -> re.Match[str] | None:
             return re.search(r"NATS_URL=(\S+)", proc.output)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -74,7 +75,9 @@ async def test_stream_is_recreated_on_reconnect_after_deletion(client: NatsClien
     assert client.reconnects >= 1
 
 
-async def test_existing_stream_with_other_retention_is_not_changed(nats_server: NatsServer, caplog: pytest.LogCaptureFixture) -> None:
+async def test_existing_stream_with_other_retention_is_not_changed(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
     async with NatsClient(nats_server.url, settings=Settings(), provision=False) as raw:
         await raw.wait_connected(10)
         await raw.js._jsm.add_stream(
@@ -104,7 +107,10 @@ async def test_degraded_start_then_recovery_without_restart(tmp_path: Path, capl
         assert c.state is ConnectionState.DEGRADED
         assert caplog.text.count(DEGRADED_LINE) == 1
         assert (await c.health()) == {
-            "connected": False, "server": None, "rtt": None, "jetstream": {"enabled": False, "streams": 0}
+            "connected": False,
+            "server": None,
+            "rtt": None,
+            "jetstream": {"enabled": False, "streams": 0},
         }
         with pytest.raises(NatsUnavailableError):
             await c.publish("demo.subject", {"x": 1})
@@ -180,7 +186,7 @@ async def test_bad_subjects_are_refused_before_sending(client: NatsClient) -> No
             await client.publish(bad, {})
     with pytest.raises(ValueError, match="queue group"):
         await client.subscribe("a.b", print, queue="bad queue")
-    with pytest.raises(ValueError, match="'a.>.b'"):
+    with pytest.raises(ValueError, match=re.escape("'a.>.b'")):
         await client.subscribe("a.>.b", print)
 
 

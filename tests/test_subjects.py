@@ -9,7 +9,11 @@ from hypothesis import strategies as st
 from liquidcrypto.errors import InvalidSubjectError, LiquidNatsError
 from liquidcrypto.nats import subjects
 
-token_text = st.text(alphabet=st.characters(blacklist_characters=" .*>\t\n\r\x0b\x0c", blacklist_categories=("Cs", "Zs", "Cc")), min_size=1, max_size=20)
+token_text = st.text(
+    alphabet=st.characters(blacklist_characters=" .*>\t\n\r\x0b\x0c", blacklist_categories=("Cs", "Zs", "Cc")),
+    min_size=1,
+    max_size=20,
+)
 
 
 def test_builders_produce_the_spec_subjects() -> None:

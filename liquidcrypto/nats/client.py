@@ -13,6 +13,7 @@ as in the spec.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -157,19 +158,15 @@ class Subscription:
         self.closed = True
         self.client._subscriptions.discard(self)
         if self._sub is not None:
-            try:
+            with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
                 await self._sub.unsubscribe()
-            except (nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
-                pass
             self._sub = None
 
     async def drain(self) -> None:
         """Process what is pending, then stop."""
         if self._sub is not None and not self.closed:
-            try:
-                await self._sub.drain()
-            except nats.errors.ConnectionClosedError:
-                pass
+            with contextlib.suppress(nats.errors.ConnectionClosedError):
+                await self._sub.drain()  # type: ignore[no-untyped-call]
         await self.unsubscribe()
 
 
@@ -399,9 +396,7 @@ class NatsClient:
         if self.state is not ConnectionState.DEGRADED and self.state is not ConnectionState.CLOSED:
             self.state = ConnectionState.DEGRADED
             log.warning(DEGRADED_LINE)
-            log.warning(
-                "NATS at %s: %s; retrying in the background", self.display_url, self.last_error or "no answer"
-            )
+            log.warning("NATS at %s: %s; retrying in the background", self.display_url, self.last_error or "no answer")
 
     async def _after_connect(self) -> None:
         """Provision, re-establish pending subscriptions, run callbacks; then mark connected."""
@@ -422,9 +417,7 @@ class NatsClient:
 
     async def provision(self) -> list[StreamConflictError]:
         """Create or check the three streams (idempotent); the conflicts found, logged."""
-        self.stream_conflicts = await streams.provision(
-            self.js, self.settings.js_replicas, self.settings.dedupe_window
-        )
+        self.stream_conflicts = await streams.provision(self.js, self.settings.js_replicas, self.settings.dedupe_window)
         return self.stream_conflicts
 
     async def _on_error(self, exc: Exception) -> None:
@@ -766,4 +759,3 @@ async def subscribe(subject: str, handler: Handler, queue: str | None = None) ->
 
 async def request(subject: str, data: Any, timeout: float = 2.0) -> Any:
     return await get_client().request(subject, data, timeout)
-

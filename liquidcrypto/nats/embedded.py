@@ -148,9 +148,7 @@ class NatsServer:
             return self
         for what, port in (("client", self.port), ("monitoring", self.http_port), ("cluster", self.cluster_port)):
             if port and port_in_use(self.host, port):
-                raise EmbeddedServerError(
-                    f"cannot start nats-server: {what} port {self.host}:{port} is already in use"
-                )
+                raise EmbeddedServerError(f"cannot start nats-server: {what} port {self.host}:{port} is already in use")
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self.config_text())
@@ -163,6 +161,8 @@ class NatsServer:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        except OSError as exc:
+            raise EmbeddedServerError(f"cannot run nats-server binary {self.binary!r}: {exc}") from exc
         finally:
             log.close()
         if wait:
@@ -241,8 +241,14 @@ class NatsCluster:
     """N nats-server nodes with full-mesh routes and JetStream (for replicas=3)."""
 
     def __init__(
-        self, base_dir: str | Path, size: int = 3, *, host: str = "127.0.0.1", name: str = "liquidcrypto",
-        ports: list[int] | None = None, extra_config: str = "",
+        self,
+        base_dir: str | Path,
+        size: int = 3,
+        *,
+        host: str = "127.0.0.1",
+        name: str = "liquidcrypto",
+        ports: list[int] | None = None,
+        extra_config: str = "",
     ) -> None:
         if size < 1:
             raise ValueError(f"cluster size must be at least 1, got {size}")

@@ -33,9 +33,7 @@ TRADE_MAX_AGE = 300.0
 DEFAULT_WORK_QUEUE_DEDUPE_WINDOW = 3600.0
 
 
-def stream_configs(
-    replicas: int = 1, dedupe_window: float = DEFAULT_WORK_QUEUE_DEDUPE_WINDOW
-) -> list[StreamConfig]:
+def stream_configs(replicas: int = 1, dedupe_window: float = DEFAULT_WORK_QUEUE_DEDUPE_WINDOW) -> list[StreamConfig]:
     """The spec's three streams with ``replicas`` copies each.
 
     Args:

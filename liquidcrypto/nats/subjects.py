@@ -37,9 +37,7 @@ def token(value: object, what: str = "token") -> str:
         raise InvalidSubjectError(what, value[:40] + "...", f"longer than {_MAX_TOKEN} characters")
     bad = _BAD_TOKEN.search(value)
     if bad:
-        raise InvalidSubjectError(
-            what, value, f"must not contain whitespace, '.', '*' or '>' (found {bad.group()!r})"
-        )
+        raise InvalidSubjectError(what, value, f"must not contain whitespace, '.', '*' or '>' (found {bad.group()!r})")
     return value
 
 
