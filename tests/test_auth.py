@@ -194,3 +194,23 @@ async def test_service_never_shows_credentials(tmp_path: Path) -> None:
             assert PASSWORD not in repr(body)
     finally:
         srv.stop()
+
+
+async def test_creds_file_in_operator_mode(tmp_path: Path) -> None:
+    from tests.natsjwt import operator_setup
+
+    config, creds = operator_setup(tmp_path)
+    srv = auth_server(tmp_path, config)
+    try:
+        async with NatsClient(settings=Settings.from_env({"NATS_URL": srv.url, "NATS_CREDS": str(creds)})) as c:
+            await c.wait_connected(15)
+            assert (await c.health())["jetstream"] == {"enabled": True, "streams": 3}
+        # Without the creds the operator-mode server refuses us.
+        c = NatsClient(settings=Settings.from_env({"NATS_URL": srv.url}))
+        try:
+            await c.connect()
+            assert c.state is ConnectionState.DEGRADED
+        finally:
+            await c.close()
+    finally:
+        srv.stop()
