@@ -30,7 +30,7 @@ from liquidcrypto.nats.wq.models import DeadLetter, OrchestratorTask, TaskResult
 log = logging.getLogger(__name__)
 
 TaskHandler = Callable[[OrchestratorTask], Any]
-StopFn = Callable[[], Awaitable[None]]
+StopFn = Callable[..., Awaitable[None]]
 
 DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_DELIVER = 5
