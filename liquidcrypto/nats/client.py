@@ -13,25 +13,16 @@ as in the spec.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import inspect
 import logging
-import random
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import nats
 import nats.errors
 from nats.aio.client import Client as NatsConnection
-from nats.aio.client import Server as NatsServerInfo
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError
@@ -39,25 +30,50 @@ from nats.js.errors import NoStreamResponseError
 from liquidcrypto import codec
 from liquidcrypto.config import Settings
 from liquidcrypto.errors import (
-    InvalidPayloadError,
     LiquidNatsError,
     NatsUnavailableError,
     RequestTimeoutError,
     StreamConflictError,
 )
 from liquidcrypto.nats import streams, subjects
+from liquidcrypto.nats.options import connect_options, describe, jittered_delay, redact_url
+from liquidcrypto.nats.subscription import (
+    DEFAULT_PENDING_BYTES,
+    DEFAULT_PENDING_MSGS,
+    Handler,
+    MsgHandler,
+    Subscription,
+    call_handler,
+    json_callback,
+)
+
+__all__ = [
+    "DEGRADED_LINE",
+    "ConnectionState",
+    "Handler",
+    "MsgHandler",
+    "NatsClient",
+    "Subscription",
+    "call_handler",
+    "close_nats",
+    "empty_health",
+    "get_client",
+    "get_nats_health",
+    "init_nats",
+    "is_nats_connected",
+    "json_callback",
+    "publish",
+    "redact_url",
+    "request",
+    "subscribe",
+]
 
 log = logging.getLogger(__name__)
 
 DEGRADED_LINE = "[Server] NATS not available - running in degraded mode"
 
-Handler = Callable[[Any], Any]
-MsgHandler = Callable[[Msg], Awaitable[None]]
 ConnectCallback = Callable[["NatsClient"], Awaitable[None]]
 
-# Pending limits of a subscription: explicit, so slow consumers are a counted event.
-DEFAULT_PENDING_MSGS = 65_536
-DEFAULT_PENDING_BYTES = 64 * 1024 * 1024
 _YIELD_EVERY = 256
 PROVISION_TIMEOUT = 15.0
 
@@ -72,17 +88,6 @@ class ConnectionState(StrEnum):
     CLOSED = "closed"
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any user, password or token replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
-
-
 @lru_cache(maxsize=8192)
 def _checked_subject(subject: str) -> str:
     return subjects.subject(subject)
@@ -91,83 +96,6 @@ def _checked_subject(subject: str) -> str:
 @lru_cache(maxsize=4096)
 def _checked_pattern(pattern: str) -> str:
     return subjects.pattern(pattern)
-
-
-async def call_handler(handler: Callable[..., Any], *args: Any) -> Any:
-    """Call a sync or async handler and return its result."""
-    result = handler(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
-
-
-def _jittered_delay(attempt: int, base: float = 0.2, cap: float = 2.0) -> float:
-    """Exponential back-off with full jitter, capped so recovery stays within seconds."""
-    return random.uniform(base / 2, min(cap, base * 2**attempt))
-
-
-class Subscription:
-    """A JSON subscription that survives degraded starts.
-
-    It is established as soon as the client is connected (at once if it already is), and
-    nats-py restores it after every reconnect of the same connection.
-    """
-
-    def __init__(
-        self,
-        client: NatsClient,
-        subject: str,
-        callback: MsgHandler,
-        queue: str | None,
-        pending_msgs_limit: int,
-        pending_bytes_limit: int,
-    ) -> None:
-        self.client = client
-        self.subject = subject
-        self.queue = queue
-        self._callback = callback
-        self._pending_msgs_limit = pending_msgs_limit
-        self._pending_bytes_limit = pending_bytes_limit
-        self._sub: NatsSubscription | None = None
-        self.closed = False
-
-    @property
-    def active(self) -> bool:
-        """Whether the server-side subscription exists now."""
-        return self._sub is not None and not self.closed
-
-    @property
-    def pending_msgs(self) -> int:
-        return self._sub.pending_msgs if self._sub is not None else 0
-
-    async def _establish(self, nc: NatsConnection) -> None:
-        if self.closed:
-            return
-        self._sub = await nc.subscribe(
-            self.subject,
-            queue=self.queue or "",
-            cb=self._callback,
-            pending_msgs_limit=self._pending_msgs_limit,
-            pending_bytes_limit=self._pending_bytes_limit,
-        )
-
-    async def unsubscribe(self) -> None:
-        """Stop receiving; idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        self.client._subscriptions.discard(self)
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-    async def drain(self) -> None:
-        """Process what is pending, then stop."""
-        if self._sub is not None and not self.closed:
-            with contextlib.suppress(nats.errors.ConnectionClosedError):
-                await self._sub.drain()  # type: ignore[no-untyped-call]
-        await self.unsubscribe()
 
 
 class NatsClient:
@@ -244,7 +172,7 @@ class NatsClient:
         self._spawn(self._initial_connect(), "nats-connect")
         first = asyncio.ensure_future(self._first_failure.wait())
         connected = asyncio.ensure_future(self._connected.wait())
-        timeout = float(self._connect_options()["connect_timeout"]) + 1
+        timeout = float(self.connect_options()["connect_timeout"]) + 1
         await asyncio.wait({first, connected}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         first.cancel()
         if self._nc is not None and not self._connected.is_set():
@@ -261,7 +189,7 @@ class NatsClient:
         nc = NatsConnection()
         self._pending_nc = nc
         try:
-            await nc.connect(**self._connect_options())
+            await nc.connect(**self.connect_options())
         finally:
             self._pending_nc = None
         if self.state is ConnectionState.CLOSED:
@@ -356,39 +284,15 @@ class NatsClient:
 
     # -- connecting ------------------------------------------------------------
 
-    def _connect_options(self) -> dict[str, Any]:
-        s = self.settings
-        opts: dict[str, Any] = {
-            "servers": self.servers,
-            "name": s.nats_name,
-            "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 0.5,
-            "connect_timeout": 2,
-            "ping_interval": 10,
-            "max_outstanding_pings": 3,
-            "reconnect_to_server_handler": _pick_server,
-            "error_cb": self._on_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-            "closed_cb": self._on_closed,
-        }
-        if s.nats_user:
-            opts["user"] = s.nats_user
-            opts["password"] = s.nats_password or ""
-        if s.nats_token:
-            opts["token"] = s.nats_token
-        if s.nats_creds:
-            opts["user_credentials"] = s.nats_creds
-        if s.nats_nkey_seed:
-            seed = s.nats_nkey_seed.strip()
-            if seed.startswith("SU"):
-                opts["nkeys_seed_str"] = seed
-            else:
-                opts["nkeys_seed"] = seed
-        tls = _tls_context(s)
-        if tls is not None:
-            opts["tls"] = tls
+    def connect_options(self) -> dict[str, Any]:
+        """The nats-py options of this client: settings, our callbacks, then caller overrides."""
+        opts = connect_options(self.settings)
+        opts.update(
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed,
+        )
         opts.update(self._options)
         return opts
 
@@ -425,7 +329,7 @@ class NatsClient:
             self.slow_consumer_events += 1
             log.warning("slow consumer on %s (sid %s): messages dropped", exc.subject, exc.sid)
             return
-        self.last_error = _describe(exc)
+        self.last_error = describe(exc)
         if self.state is ConnectionState.CONNECTING:
             self._first_failure.set()
         log.debug("NATS error: %s", self.last_error)
@@ -452,9 +356,9 @@ class NatsClient:
                 raise
             except Exception as exc:  # noqa: BLE001 - retry; JetStream may not be ready yet
                 attempt += 1
-                self.last_error = _describe(exc)
+                self.last_error = describe(exc)
                 log.warning("provisioning after reconnect failed (%s); retrying", self.last_error)
-                await asyncio.sleep(_jittered_delay(attempt))
+                await asyncio.sleep(jittered_delay(attempt))
 
     async def _on_closed(self) -> None:
         if self.state is not ConnectionState.CLOSED:
@@ -582,33 +486,6 @@ class NatsClient:
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
             raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
 
-    def json_callback(self, subject: str, handler: Handler) -> MsgHandler:
-        """Wrap ``handler(data)`` as a nats-py callback.
-
-        Bad JSON is logged and skipped; handler exceptions are logged with the subject and
-        the subscription carries on. If the message has a reply subject and the handler
-        returns something other than ``None``, it is sent back as the JSON reply.
-        """
-
-        async def callback(msg: Msg) -> None:
-            try:
-                data = codec.decode(msg.data)
-            except InvalidPayloadError as exc:
-                log.warning("skipping message on %s: %s", msg.subject, exc)
-                return
-            try:
-                result = await call_handler(handler, data)
-            except Exception:
-                log.exception("handler for %s failed on a message from %s", subject, msg.subject)
-                return
-            if msg.reply and result is not None:
-                try:
-                    await msg.respond(codec.encode(result))
-                except Exception:
-                    log.exception("reply to %s failed", msg.subject)
-
-        return callback
-
     async def subscribe(
         self,
         subject: str,
@@ -630,7 +507,7 @@ class NatsClient:
             subjects.token(queue, "queue group")
         return await self.subscribe_msgs(
             subject,
-            self.json_callback(subject, handler),
+            json_callback(subject, handler),
             queue,
             pending_msgs_limit=pending_msgs_limit,
             pending_bytes_limit=pending_bytes_limit,
@@ -648,7 +525,9 @@ class NatsClient:
         """Subscribe a raw nats-py message callback (for components needing headers/metadata)."""
         if self.state is ConnectionState.CLOSED:
             raise LiquidNatsError("client is closed")
-        sub = Subscription(self, subject, callback, queue, pending_msgs_limit, pending_bytes_limit)
+        sub = Subscription(
+            self._subscriptions.discard, subject, callback, queue, pending_msgs_limit, pending_bytes_limit
+        )
         self._subscriptions.add(sub)
         if self.is_connected:
             await sub._establish(self.nc)
@@ -683,26 +562,6 @@ def empty_health() -> dict[str, Any]:
 
 def _replace_url(settings: Settings, url: str) -> Settings:
     return dataclasses.replace(settings, nats_url=url)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
-
-
-def _pick_server(servers: list[NatsServerInfo], info: dict[str, Any]) -> tuple[NatsServerInfo | None, float]:
-    """nats-py reconnect hook: least-tried server first, jittered exponential delay."""
-    best = min(servers, key=lambda s: s.reconnects)
-    return best, _jittered_delay(best.reconnects)
-
-
-def _tls_context(s: Settings) -> ssl.SSLContext | None:
-    if not (s.nats_tls_ca or s.nats_tls_cert):
-        return None
-    ctx = ssl.create_default_context(cafile=s.nats_tls_ca)
-    if s.nats_tls_cert:
-        ctx.load_cert_chain(s.nats_tls_cert, s.nats_tls_key)
-    return ctx
 
 
 # -- the module-level default client (the spec's functions) ----------------------
