@@ -81,3 +81,11 @@ async def test_service_starts_degraded_and_becomes_healthy(tmp_path: Path) -> No
             await eventually(healthy, timeout=30, what="healthy once NATS started")
     finally:
         srv.stop()
+
+
+def test_metrics_show_the_connection(nats_server: NatsServer) -> None:
+    with TestClient(create_app(Settings(nats_url=nats_server.url))) as http:
+        text = http.get("/metrics").text
+        assert "liquidcrypto_nats_connected 1.0" in text
+        assert "liquidcrypto_nats_reconnects_total" in text
+        assert "liquidcrypto_nats_slow_consumer_events_total" in text

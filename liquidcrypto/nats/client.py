@@ -26,6 +26,7 @@ from nats.aio.client import Client as NatsConnection
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError
+from prometheus_client import Counter, Gauge
 
 from liquidcrypto import codec
 from liquidcrypto.config import Settings
@@ -69,6 +70,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+CONNECTED = Gauge("liquidcrypto_nats_connected", "1 while the (last) NATS client is connected and provisioned")
+RECONNECTS = Counter("liquidcrypto_nats_reconnects", "NATS reconnections")
+DISCONNECTS = Counter("liquidcrypto_nats_disconnects", "NATS connections lost or never made (degraded mode)")
+SLOW_CONSUMERS = Counter(
+    "liquidcrypto_nats_slow_consumer_events", "Messages dropped by a subscription over its pending limits"
+)
 
 DEGRADED_LINE = "[Server] NATS not available - running in degraded mode"
 
@@ -221,6 +229,7 @@ class NatsClient:
             return
         self.state = ConnectionState.CLOSED
         self._connected.clear()
+        CONNECTED.set(0)
         pending = self._pending_nc
         await self._cancel_background()
         if pending is not None and not pending.is_closed:
@@ -299,6 +308,7 @@ class NatsClient:
     def _enter_degraded(self) -> None:
         if self.state is not ConnectionState.DEGRADED and self.state is not ConnectionState.CLOSED:
             self.state = ConnectionState.DEGRADED
+            DISCONNECTS.inc()
             log.warning(DEGRADED_LINE)
             log.warning("NATS at %s: %s; retrying in the background", self.display_url, self.last_error or "no answer")
 
@@ -312,6 +322,7 @@ class NatsClient:
                 await sub._establish(nc)
         self.state = ConnectionState.CONNECTED
         self._connected.set()
+        CONNECTED.set(1)
         log.info("NATS connected to server %s (%s)", self.server_id, self.display_url)
         for cb in list(self._on_connect):
             try:
@@ -327,6 +338,7 @@ class NatsClient:
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             self.slow_consumer_events += 1
+            SLOW_CONSUMERS.inc()
             log.warning("slow consumer on %s (sid %s): messages dropped", exc.subject, exc.sid)
             return
         self.last_error = describe(exc)
@@ -338,10 +350,13 @@ class NatsClient:
         if self.state is ConnectionState.CONNECTED:
             self.state = ConnectionState.DEGRADED
             self._connected.clear()
+            CONNECTED.set(0)
+            DISCONNECTS.inc()
             log.warning("NATS disconnected from %s; reconnecting", self.display_url)
 
     async def _on_reconnected(self) -> None:
         self.reconnects += 1
+        RECONNECTS.inc()
         log.info("NATS reconnected to %s", self.server_id)
         # Provision in an owned task: nats-py awaits this callback in its read path.
         self._spawn(self._reprovision(), "nats-reprovision")
@@ -365,6 +380,7 @@ class NatsClient:
             log.warning("NATS connection closed unexpectedly")
             self.state = ConnectionState.DEGRADED
             self._connected.clear()
+            CONNECTED.set(0)
 
     async def _cancel_background(self) -> None:
         # Cancel again until done: on Python 3.11 asyncio.wait_for inside nats-py's connect
