@@ -42,6 +42,7 @@ FEED_PENDING_MSGS = 65_536
 FEED_PENDING_BYTES = 64 * 1024 * 1024
 HISTORY_IDLE_TIMEOUT = 5.0
 _YIELD_EVERY = 256
+_DISPATCH_YIELD_EVERY = 16
 
 
 @dataclass(eq=False)
@@ -130,6 +131,9 @@ class NatsBackend:
         """
         subject = subjects.trade(symbol)
         js = self.client.js
+        if not self.client.is_connected:
+            # Fail fast: nats-py would buffer it while reconnecting, with no ack to come.
+            raise NatsUnavailableError(f"NATS is not connected; trade for {symbol!r} not sent")
         if self._slots.locked():
             self.window_waits += 1
             metrics.PUBLISH_WINDOW_FULL.inc()
@@ -181,6 +185,8 @@ class NatsBackend:
     async def _retry(self, item: _InFlight, first: BaseException) -> None:
         error: BaseException = first
         for attempt in range(1, self.retries + 1):
+            if not self.client.is_connected:
+                break
             try:
                 ack = await self.client.js.publish(
                     item.subject, item.payload, timeout=self.ack_timeout, headers={"Nats-Msg-Id": item.msg_id}
@@ -197,7 +203,8 @@ class NatsBackend:
                 error = exc
         self.failed += 1
         metrics.PUBLISH_FAILED.labels("nats").inc()
-        log.error("trade on %s not stored after %d retries: %r", item.subject, self.retries, error)
+        if self.failed == 1 or self.failed % 1000 == 0:
+            log.error("trade on %s not stored (%d failed in all): %r", item.subject, self.failed, error)
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until every trade published so far is acknowledged (or failed).
@@ -240,8 +247,15 @@ class NatsBackend:
         on_trade = self._on_trade
         assert on_trade is not None, "start() first"
 
+        count = 0
+
         async def callback(msg: Msg) -> None:
+            nonlocal count
             on_trade(symbol, msg.metadata.sequence.stream, msg.data)
+            count += 1
+            if count % _DISPATCH_YIELD_EVERY == 0:
+                # Let client writers and handlers drain their queues during a burst.
+                await asyncio.sleep(0)
 
         try:
             sub = await self.client.js.subscribe(

@@ -156,6 +156,8 @@ class ClientSession:
             self.dropped += 1
             metrics.DROPPED.inc()
             self._lose(dropped=True)
+            if self.kicked.is_set():
+                return
         self._queue.append(entry)
         if len(self._queue) >= self._soft_limit():
             self._room.clear()
