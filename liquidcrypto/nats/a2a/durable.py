@@ -34,14 +34,14 @@ from liquidcrypto.nats.a2a import envelope as env_mod
 from liquidcrypto.nats.a2a import metrics
 from liquidcrypto.nats.a2a.envelope import Envelope
 from liquidcrypto.nats.a2a.replies import run_handler
-from liquidcrypto.nats.client import NatsClient
+from liquidcrypto.nats.client import ConnectionState, NatsClient
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_DELIVER = 5
 DEFAULT_BATCH = 32
-IDLE_WAIT = 5.0  # a long-poll fetch of one message while idle
+IDLE_WAIT = 1.0  # a long-poll fetch of one message while idle (short: a lost pull request costs this)
 BUSY_WAIT = 0.01  # while messages flow, fetch a batch without lingering
 _RETRY_CAP = 5.0
 
@@ -133,6 +133,9 @@ class DurableSubscription:
         failures = 0
         idle = True
         while not self._stopping:
+            if self.client.state is ConnectionState.CLOSED:
+                log.info("durable %s on %s: client closed; stopping", self.durable, self.subject)
+                return
             try:
                 if self._psub is None:
                     await self.client.wait_connected(IDLE_WAIT)
