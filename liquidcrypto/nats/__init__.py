@@ -17,6 +17,29 @@ from liquidcrypto.nats.client import (
 )
 
 # --- a2a_bus exports (issue 3) ---
+# isort: split
+from liquidcrypto.nats.a2a_bus import (
+    A2ABus,
+    AgentCard,
+    AgentInfo,
+    DurableSubscription,
+    Envelope,
+    TaskState,
+    TaskStateChange,
+    list_agents,
+    publish_event,
+    publish_system_event,
+    publish_task,
+    register_agent,
+    replay,
+    reply,
+    request_agent,
+    subscribe_to_events,
+    subscribe_to_tasks,
+    update_task_state,
+    watch_task,
+)
+
 # --- end a2a_bus exports ---
 # --- work_queue exports (issue 4) ---
 from liquidcrypto.nats.work_queue import (
@@ -38,15 +61,22 @@ from liquidcrypto.nats.work_queue import (
 # --- end work_queue exports ---
 
 __all__ = [
+    "A2ABus",
+    "AgentCard",
+    "AgentInfo",
     "ConnectionState",
     "DeadLetter",
+    "DurableSubscription",
     "EnqueueReceipt",
+    "Envelope",
     "NatsClient",
     "OrchestratorTask",
     "ResultSet",
     "ResultSubscription",
     "Subscription",
     "TaskResult",
+    "TaskState",
+    "TaskStateChange",
     "WorkQueue",
     "close_nats",
     "collect_results",
@@ -55,11 +85,23 @@ __all__ = [
     "get_nats_health",
     "init_nats",
     "is_nats_connected",
+    "list_agents",
     "list_dead_letters",
     "publish",
+    "publish_event",
+    "publish_system_event",
+    "publish_task",
+    "register_agent",
+    "replay",
+    "reply",
     "request",
+    "request_agent",
     "requeue_dead_letter",
     "start_orchestrator_worker",
     "subscribe",
+    "subscribe_to_events",
     "subscribe_to_results",
+    "subscribe_to_tasks",
+    "update_task_state",
+    "watch_task",
 ]
