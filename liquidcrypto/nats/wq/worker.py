@@ -11,6 +11,7 @@ failures the task gets a failure result and a dead letter, then is acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,7 +19,6 @@ from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from liquidcrypto import codec
@@ -26,6 +26,7 @@ from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError, LiquidNat
 from liquidcrypto.nats.client import NatsClient, call_handler
 from liquidcrypto.nats.wq import dead_letters, infra, metrics
 from liquidcrypto.nats.wq.models import DeadLetter, OrchestratorTask, TaskResult, coerce_result, decode_task
+from liquidcrypto.nats.wq.puller import PULL_EXPIRES, Puller
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_DELIVER = 5
 DEFAULT_BACKOFF: tuple[float, ...] = (1.0, 5.0, 30.0)
 DEFAULT_STOP_TIMEOUT = 30.0
-FETCH_TIMEOUT = 1.0
 DECLINE_DELAY = 1.0
 MAX_REDELIVERIES = 200
 
@@ -76,14 +76,13 @@ class Worker:
         self.stop_timeout = stop_timeout
         self.decline_delay = decline_delay
         self.max_redeliveries = max_redeliveries
-        self._psub: JetStreamContext.PullSubscription | None = None
+        self._puller: Puller | None = None
         self._kv: KeyValue | None = None
         self._heartbeat_every = ack_wait / 2
         self._running: dict[asyncio.Task[None], tuple[Msg, float]] = {}
-        self._slot_free = asyncio.Event()
-        self._slot_free.set()
+        self._wake = asyncio.Event()
         self._stopping = False
-        self._rebind = True
+        self._rebind = False
         self._loop: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self.processed = 0
@@ -99,7 +98,8 @@ class Worker:
         """
         await self._bind()
         self.client.on_connect(self._on_reconnect)
-        self._loop = asyncio.create_task(self._fetch_loop(), name="wq-fetch")
+        self._wake.set()
+        self._loop = asyncio.create_task(self._pull_loop(), name="wq-pull")
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="wq-heartbeat")
         log.info(
             "orchestrator worker started: concurrency=%d specialist=%s ack_wait=%gs max_deliver=%d",
@@ -108,9 +108,11 @@ class Worker:
         return self.stop
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop fetching, let running tasks finish (up to ``timeout`` s), nak the rest.
+        """Stop pulling, let running tasks finish (up to ``timeout`` s), nak the rest.
 
-        Unfinished tasks are ``nak``-ed so another worker takes them at once; idempotent.
+        Unfinished tasks are ``nak``-ed so another worker takes them at once; a task
+        that still arrives for an open pull request is handed back the same way.
+        Idempotent.
         """
         if self._stopping:
             if self._loop is not None:
@@ -118,33 +120,36 @@ class Worker:
             return
         self._stopping = True
         self.client.remove_on_connect(self._on_reconnect)
-        self._slot_free.set()
+        self._wake.set()
         if self._loop is not None:
-            # The loop's fetch ends within FETCH_TIMEOUT; what it returns is still run.
             await asyncio.gather(self._loop, return_exceptions=True)
+        wait = self.stop_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         running = list(self._running)
         if running:
-            wait = self.stop_timeout if timeout is None else timeout
             _done, pending = await asyncio.wait(running, timeout=wait)
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("worker stop: %d task(s) unfinished; left for redelivery", len(pending))
+                log.warning("worker stop: %d task(s) unfinished; handed back for redelivery", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
+        # Open pull requests expire within PULL_EXPIRES; what they still deliver is nak-ed.
+        while self._puller is not None and self._puller.outstanding and time.monotonic() < deadline:
+            self._puller.expire_stale()
+            await asyncio.sleep(0.05)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
-        if self._psub is not None:
-            try:
-                await self._psub.unsubscribe()
-            except Exception as exc:  # noqa: BLE001 - stopping must not raise
-                log.debug("unsubscribe on stop failed: %s", exc)
-            self._psub = None
+        if self._puller is not None:
+            await self._puller.close()
+            self._puller = None
         log.info("orchestrator worker stopped after %d task(s)", self.processed)
 
     async def _on_reconnect(self, client: NatsClient) -> None:
-        # nats.py #504: a pull subscription may go silent after a server restart.
+        # The server may have lost our pull requests (and, per nats.py #504, a pull
+        # subscription can go silent after a restart): bind afresh.
         self._rebind = True
+        self._wake.set()
 
     async def _bind(self) -> None:
         js = self.client.js
@@ -154,58 +159,61 @@ class Worker:
         info = await infra.ensure_worker_consumer(js, self.ack_wait)
         actual = info.config.ack_wait or self.ack_wait
         self._heartbeat_every = max(0.1, min(self.ack_wait, actual) / 2)
-        old, self._psub = self._psub, None
+        old, self._puller = self._puller, None
         if old is not None:
-            try:
-                await old.unsubscribe()
-            except Exception as exc:  # noqa: BLE001 - the old one may be gone with its connection
-                log.debug("old pull subscription: %s", exc)
-        self._psub = await js.pull_subscribe_bind(infra.WORKER_CONSUMER, stream=infra.TASKS_STREAM)
+            await old.close()
+        puller = Puller(self.client, infra.TASKS_STREAM, infra.WORKER_CONSUMER, self._arrived, self._wake.set)
+        await puller.open()
+        self._puller = puller
         self._rebind = False
 
     # -- the loops -------------------------------------------------------------
 
-    async def _fetch_loop(self) -> None:
+    async def _pull_loop(self) -> None:
+        """Keep exactly the free slots requested: running + requested <= concurrency."""
         failures = 0
         while not self._stopping:
-            await self._slot_free.wait()
-            free = self.concurrency - len(self._running)
+            puller = self._puller
+            timeout = (puller.seconds_to_next_deadline() if puller else None) or PULL_EXPIRES
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
             if self._stopping:
                 break
-            if free <= 0:
-                self._slot_free.clear()
-                continue
             try:
-                if self._rebind or self._psub is None:
+                if self._rebind or self._puller is None or self._puller.consumer_gone:
                     await self._bind()
                     metrics.CONSUMER_REBINDS.inc()
-                assert self._psub is not None
-                msgs = await self._psub.fetch(free, timeout=FETCH_TIMEOUT)
-            except TimeoutError:  # also nats.errors.TimeoutError: no messages
+                assert self._puller is not None
+                self._puller.expire_stale()
+                free = self.concurrency - len(self._running) - self._puller.outstanding
+                if free > 0:
+                    await self._puller.request(free)
                 failures = 0
-                continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the loop must outlive outages
                 failures += 1
                 self._rebind = True
                 delay = min(2.0, 0.1 * 2**failures)
-                log.warning("worker fetch failed (%s); rebinding in %.1fs", exc, delay)
+                log.warning("worker pull failed (%s); binding again in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
-                continue
-            failures = 0
-            for msg in msgs:
-                task = asyncio.create_task(self._run_one(msg), name="wq-task")
-                self._running[task] = (msg, time.monotonic())
-                task.add_done_callback(self._task_done)
-            metrics.IN_FLIGHT.inc(len(msgs))
-            if len(self._running) >= self.concurrency:
-                self._slot_free.clear()
+                self._wake.set()
+
+    def _arrived(self, msg: Msg) -> None:
+        """A task message for one of our pull requests: run it in a free slot."""
+        if self._stopping:
+            task = asyncio.create_task(_hand_back(msg), name="wq-hand-back")
+        else:
+            task = asyncio.create_task(self._run_one(msg), name="wq-task")
+            metrics.IN_FLIGHT.inc()
+        self._running[task] = (msg, time.monotonic())
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
-        metrics.IN_FLIGHT.dec()
-        self._slot_free.set()
+        if self._running.pop(task, None) is not None and task.get_name() == "wq-task":
+            metrics.IN_FLIGHT.dec()
+        self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("worker task crashed", exc_info=task.exception())
 
@@ -336,6 +344,13 @@ class Worker:
                 log.warning("result of %s not stored (%s); attempt %d/3", task_id, exc, attempt + 1)
                 await asyncio.sleep(0.2 * 2**attempt)
         return False
+
+
+async def _hand_back(msg: Msg) -> None:
+    try:
+        await msg.nak()
+    except Exception as exc:  # noqa: BLE001 - it is redelivered after ack_wait anyway
+        log.debug("nak while stopping failed: %s", exc)
 
 
 def _raw_body(data: bytes) -> Any:
