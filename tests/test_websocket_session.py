@@ -127,7 +127,7 @@ async def test_history_hand_over_holds_live_then_skips_what_history_sent() -> No
         s.offer_trade("A", seq, trade("A", seq))
     for seq in range(3, 10):  # history up to the last stored sequence (9)
         await s.put_history("A", seq, trade("A", seq))
-    s.end_replay("A")
+    await s.end_replay("A")
     await drain(s, sock, 9)
     assert [f["seq"] for f in sock.frames] == list(range(3, 12))
 

@@ -409,6 +409,7 @@ class NatsWebSocketManager:
             )
             for seq, payload in items:
                 await session.put_history(symbol, seq, protocol.trade_frame(prefix, payload.decode(), seq))
+            metrics.HISTORY_FRAMES.inc(len(items))
             session.offer(
                 protocol.frame(
                     "history",
@@ -418,13 +419,10 @@ class NatsWebSocketManager:
                     last_seq=items[-1][0] if items else None,
                 )
             )
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 - the client is told, the service goes on
             log.warning("history of %s for %s failed: %r", symbol, session.name, exc)
             session.offer(protocol.error_frame(f"history of {symbol} unavailable: {exc}"))
-        finally:
-            session.end_replay(symbol)
+        await session.end_replay(symbol)
 
     async def client_unsubscribe(self, session: ClientSession, symbols: Iterable[str]) -> None:
         done = []

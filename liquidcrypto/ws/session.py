@@ -199,7 +199,10 @@ class ClientSession:
         self.symbols[symbol].replaying = True
 
     async def put_history(self, symbol: str, seq: int, frame: str) -> None:
-        """Queue a replayed trade, waiting for room rather than conflating or dropping."""
+        """Queue a replayed trade, waiting for room rather than conflating or dropping.
+
+        Trades at or below the last sequence queued for the symbol are skipped.
+        """
         while not self._room.is_set():
             await self._room.wait()
         state = self.symbols.get(symbol)
@@ -208,17 +211,23 @@ class ClientSession:
         if seq > state.last_seq:
             state.last_seq = seq
             self._push(_Entry(symbol, seq, frame))
-            metrics.HISTORY_FRAMES.inc()
+        else:
+            self.duplicates += 1
+            metrics.DUPLICATES.inc()
 
-    def end_replay(self, symbol: str) -> None:
-        """Release the live trades held during the replay, skipping what history sent."""
+    async def end_replay(self, symbol: str) -> None:
+        """Send the live trades held during the replay (skipping what history sent), then go live.
+
+        The held backlog goes out at the client's pace like history, not as one burst that
+        would trip conflation; trades arriving meanwhile are held too, until none is left.
+        """
         state = self.symbols.get(symbol)
-        if state is None:
-            return
-        state.replaying = False
-        held, state.held = state.held, deque()
-        for seq, frame in held:
-            self._offer_trade(symbol, state, seq, frame)
+        while state is not None and state.held:
+            seq, frame = state.held.popleft()
+            await self.put_history(symbol, seq, frame)
+            state = self.symbols.get(symbol)
+        if state is not None:
+            state.replaying = False
 
     # -- writer ----------------------------------------------------------------
 
