@@ -179,7 +179,10 @@ async def test_slow_handler_does_not_delay_a_fast_one(make_manager: MakeManager)
 async def test_broadcast_reaches_every_instance(make_manager: MakeManager) -> None:
     a, b = await make_manager(), await make_manager()
     await a.broadcast({"notice": "maintenance"})
-    await eventually(lambda: a.broadcasts_received == 1 and b.broadcasts_received == 1, what="broadcast")
+    await eventually(
+        lambda: a.broadcasts_received == 1 and b.broadcasts_received == 1,
+        what="broadcast received on both instances",
+    )
 
 
 async def test_history_since_and_last(make_manager: MakeManager) -> None:

@@ -51,11 +51,13 @@ class _HandlerListener:
         self.queue: asyncio.Queue[TradeEvent] = asyncio.Queue(size)
         self.dropped = 0
         self.task: asyncio.Task[None] | None = None
+        self.on_drop: Callable[[], None] = lambda: None
 
     def offer_trade(self, symbol: str, seq: int, data: Any) -> None:
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
+            self.on_drop()
             metrics.HANDLER_DROPPED.inc()
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("trade handler %r lags: %d trades dropped", self.handler, self.dropped)
@@ -126,6 +128,7 @@ class NatsWebSocketManager:
         self._closed = False
         self.broadcasts_received = 0
         self.bad_messages = 0
+        self.handler_dropped = 0
         # Counters of clients that have left, so /stats keeps them.
         self._past = {"sent": 0, "conflated": 0, "dropped": 0, "duplicates": 0, "slow_disconnects": 0}
 
@@ -232,6 +235,7 @@ class NatsWebSocketManager:
         """
         names = _symbol_list(symbols)
         listener = _HandlerListener(handler, with_meta, self.settings.ws_queue_size)
+        listener.on_drop = self._count_handler_drop
         task = asyncio.ensure_future(listener.run())
         task.set_name(f"trade-handler:{','.join(names)}")
         listener.task = task
@@ -257,6 +261,9 @@ class NatsWebSocketManager:
             await unsubscribe()
             raise
         return unsubscribe
+
+    def _count_handler_drop(self) -> None:
+        self.handler_dropped += 1
 
     # -- feeds -------------------------------------------------------------------
 
@@ -444,6 +451,7 @@ class NatsWebSocketManager:
             "clients": len(self.sessions),
             "feeds": sorted(s for s, f in self._feeds.items() if f.open),
             "broadcasts_received": self.broadcasts_received,
+            "handler_dropped": self.handler_dropped,
             "clients_total": totals,
             "transport": self._backend.stats() if self._backend is not None else {},
         }

@@ -105,9 +105,18 @@ class NatsBackend:
             pending_msgs_limit=FEED_PENDING_MSGS,
             pending_bytes_limit=FEED_PENDING_BYTES,
         )
+        await self._flush_subscriptions()
         self._acker = asyncio.ensure_future(self._collect_acks())
         self._acker.set_name("ws-nats-acks")
         metrics.SLOW_CONSUMER.set_function(lambda: self.client.slow_consumer_events)
+
+    async def _flush_subscriptions(self) -> None:
+        """Round trip to the server so a subscription just made is in place on return."""
+        if self.client.is_connected:
+            try:
+                await self.client.nc.flush(timeout=5)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("flush after subscribing: %r", exc)
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -271,6 +280,7 @@ class NatsBackend:
             raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
         self._feeds[symbol] = sub
         metrics.FEEDS.inc()
+        await self._flush_subscriptions()
         log.debug("feed open: %s", symbol)
 
     async def close_feed(self, symbol: str) -> None:

@@ -155,6 +155,7 @@ class RedisBackend:
 
     async def _read_loop(self) -> None:
         failures = 0
+        count = 0
         while True:
             try:
                 if not self._subscribed.is_set():
@@ -175,6 +176,10 @@ class RedisBackend:
                 self._dispatch(msg["channel"], msg["data"])
             except Exception:
                 log.exception("dispatching a Redis message from %r failed", msg.get("channel"))
+            count += 1
+            if count % 16 == 0:
+                # Buffered messages come without suspending: let writers and handlers run.
+                await asyncio.sleep(0)
 
     def _dispatch(self, channel: bytes | str, data: bytes) -> None:
         name = channel.decode() if isinstance(channel, bytes) else channel
