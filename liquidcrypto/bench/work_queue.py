@@ -102,8 +102,18 @@ async def bench_raw(url: str, n: int, concurrency: int) -> float:
 
     workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
     session = uuid.uuid4().hex[:12]
-    collector = await js.pull_subscribe(f"raw.results.{session}.>", stream=RAW_STREAM,
-                                        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT))
+    seen: set[str] = set()
+    all_in = asyncio.Event()
+
+    async def on_result(msg: Any) -> None:
+        seen.add(orjson.loads(msg.data)["subPrdId"])
+        await msg.ack()
+        if len(seen) >= n:
+            all_in.set()
+
+    # The idiomatic fast collector on plain nats-py: a push consumer with a callback.
+    collector = await js.subscribe(f"raw.results.{session}.>", stream=RAW_STREAM, cb=on_result, manual_ack=True,
+                                   config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1))
 
     async def enqueue(i: int) -> None:
         body = {"sessionId": session, "subPrdId": f"t{i}", "payload": {"i": i},
@@ -113,15 +123,7 @@ async def bench_raw(url: str, n: int, concurrency: int) -> float:
 
     start = time.perf_counter()
     enq = asyncio.create_task(_enqueue_all(n, enqueue))
-    seen: set[str] = set()
-    while len(seen) < n:
-        try:
-            msgs = await collector.fetch(min(256, n - len(seen)), timeout=1.0)
-        except TimeoutError:
-            continue
-        for msg in msgs:
-            seen.add(orjson.loads(msg.data)["subPrdId"])
-            await msg.ack()
+    await asyncio.wait_for(all_in.wait(), 300)
     elapsed = time.perf_counter() - start
     await enq
     running = False

@@ -15,6 +15,8 @@ TASKS_DONE = Counter(
     "(success, retry, failure = dead-lettered, invalid = malformed/wrong result, declined, requeued)",
     ["outcome"],
 )
+OK = TASKS_DONE.labels(outcome="success")
+FAILED = TASKS_DONE.labels(outcome="failure")
 TASK_SECONDS = Histogram(
     "liquidcrypto_wq_task_duration_seconds",
     "Handler run time of a task",

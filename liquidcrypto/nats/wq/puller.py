@@ -102,6 +102,7 @@ class Puller:
             n -= take
             if head[0] <= 0:
                 self._requests.popleft()
+                self._on_status()  # a request is complete: the owner may ask for more
 
     async def _on_msg(self, msg: Msg) -> None:
         status = msg.headers.get(HDR_STATUS) if msg.headers else None
@@ -116,9 +117,9 @@ class Puller:
             self._release(int(pending))
         elif self._requests:
             self._requests.popleft()
-        if status == "409":
-            desc = (msg.headers or {}).get(HDR_DESCRIPTION, "")
-            if "Deleted" in desc or "push" in desc:
+        desc = (msg.headers or {}).get(HDR_DESCRIPTION, "")
+        if status == "409" or (status == "404" and "consumer" in desc.lower()):
+            if "Deleted" in desc or "push" in desc or "not found" in desc.lower():
                 self.consumer_gone = True
             if "Exceeded" in desc:
                 log.warning("pull request refused: %s", desc)

@@ -18,6 +18,7 @@ a success over a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -26,7 +27,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 from nats.js.errors import NotFoundError as JsNotFoundError
@@ -36,6 +36,7 @@ from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient, call_handler
 from liquidcrypto.nats.wq import infra, metrics
 from liquidcrypto.nats.wq.models import ResultSet, TaskResult, decode_result
+from liquidcrypto.nats.wq.puller import PULL_EXPIRES, Puller
 
 log = logging.getLogger(__name__)
 
@@ -43,67 +44,106 @@ ResultHandler = Callable[[TaskResult], Any]
 
 INACTIVE_THRESHOLD = 10.0
 CONFLICT_WAIT = INACTIVE_THRESHOLD + 2.0
-FETCH_BATCH = 256
-FETCH_TIMEOUT = 1.0
+MAX_BATCH = 1000
+SUBSCRIPTION_WINDOW = 64
 HANDLER_ATTEMPTS = 3
 
 
-async def open_reader(
-    client: NatsClient, session_id: str, *, ack_wait: float, wait: float = CONFLICT_WAIT
-) -> tuple[JetStreamContext.PullSubscription, str]:
-    """An ephemeral pull consumer on one session's results, and its name.
+class Reader:
+    """An ephemeral pull consumer on one session's results, fed by a ``Puller``.
 
-    A consumer of a crashed reader lingers up to ``INACTIVE_THRESHOLD`` s; while
-    creating conflicts, retry for up to ``wait`` s.
-
-    Raises:
-        ConsumerConflictError: another reader of the session stayed active.
+    Messages arrive through ``on_msg`` as soon as the server sends them. After a
+    reconnect or the loss of the consumer, ``ensure()`` creates a new one; results that
+    were delivered and not acknowledged come again from it.
     """
-    filt = subjects.orchestrator_results(session_id)
-    name = f"results-{uuid.uuid4().hex[:16]}"
-    config = ConsumerConfig(
-        name=name,
-        filter_subject=filt,
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_wait=ack_wait,
-        max_ack_pending=-1,
-        inactive_threshold=INACTIVE_THRESHOLD,
-        num_replicas=1,
-        mem_storage=True,
-    )
-    js = client.js
-    deadline = time.monotonic() + wait
-    delay = 0.1
-    while True:
-        try:
-            await js._jsm.add_consumer(infra.TASKS_STREAM, config)
-            break
-        except BadRequestError as exc:
-            if exc.err_code != infra.ERR_WQ_OVERLAP:
-                raise
-            if time.monotonic() + delay > deadline:
-                raise ConsumerConflictError(
-                    f"another reader of session {session_id!r} is active ({filt!r} overlaps a consumer on "
-                    f"{infra.TASKS_STREAM}); one collect_results/subscribe_to_results per session at a time"
-                ) from exc
-            await asyncio.sleep(delay)
-            delay = min(1.0, delay * 2)
-    return await js.pull_subscribe_bind(name, stream=infra.TASKS_STREAM), name
 
+    def __init__(
+        self, client: NatsClient, session_id: str, on_msg: Callable[[Msg], None], *, ack_wait: float
+    ) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.on_msg = on_msg
+        self.ack_wait = ack_wait
+        self.wake = asyncio.Event()
+        self.name = ""
+        self.puller: Puller | None = None
+        self._reconnects = client.reconnects
 
-async def close_reader(client: NatsClient, psub: JetStreamContext.PullSubscription | None, name: str) -> None:
-    if psub is not None:
+    async def open(self, wait: float = CONFLICT_WAIT) -> None:
+        """Create the consumer; a crashed reader's consumer lingers up to
+        ``INACTIVE_THRESHOLD`` s, so retry creating it for up to ``wait`` s.
+
+        Raises:
+            ConsumerConflictError: another reader of the session stayed active.
+        """
+        filt = subjects.orchestrator_results(self.session_id)
+        self.name = f"results-{uuid.uuid4().hex[:16]}"
+        config = ConsumerConfig(
+            name=self.name,
+            filter_subject=filt,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait,
+            max_ack_pending=-1,
+            inactive_threshold=INACTIVE_THRESHOLD,
+            num_replicas=1,
+            mem_storage=True,
+        )
+        deadline = time.monotonic() + wait
+        delay = 0.1
+        while True:
+            try:
+                await self.client.js._jsm.add_consumer(infra.TASKS_STREAM, config)
+                break
+            except BadRequestError as exc:
+                if exc.err_code != infra.ERR_WQ_OVERLAP:
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise ConsumerConflictError(
+                        f"another reader of session {self.session_id!r} is active ({filt!r} overlaps a "
+                        f"consumer on {infra.TASKS_STREAM}); one collect_results/subscribe_to_results "
+                        "per session at a time"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+        self.puller = Puller(self.client, infra.TASKS_STREAM, self.name, self.on_msg, self.wake.set)
+        await self.puller.open()
+        self._reconnects = self.client.reconnects
+
+    @property
+    def broken(self) -> bool:
+        return self.puller is None or self.puller.consumer_gone or self.client.reconnects != self._reconnects
+
+    async def request(self, want: int) -> None:
+        """Keep up to ``want`` messages requested (a reconnect or lost consumer: reopen)."""
+        if self.broken:
+            await self.close()
+            await self.open(wait=CONFLICT_WAIT)
+        assert self.puller is not None
+        self.puller.expire_stale()
+        more = min(MAX_BATCH, want - self.puller.outstanding)
+        if more > 0:
+            await self.puller.request(more)
+
+    async def wait(self, timeout: float) -> None:
+        nxt = self.puller.seconds_to_next_deadline() if self.puller else None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.01, min(timeout, nxt if nxt is not None else timeout))):
+                await self.wake.wait()
+        self.wake.clear()
+
+    async def close(self) -> None:
+        puller, self.puller = self.puller, None
+        if puller is not None:
+            await puller.close()
+        if not self.name:
+            return
         try:
-            await psub.unsubscribe()
-        except Exception as exc:  # noqa: BLE001 - closing must not raise
-            log.debug("results unsubscribe: %s", exc)
-    try:
-        await client.js._jsm.delete_consumer(infra.TASKS_STREAM, name)
-    except JsNotFoundError:
-        pass
-    except Exception as exc:  # noqa: BLE001 - it expires by inactivity anyway
-        log.debug("delete results consumer %s: %s", name, exc)
+            await self.client.js._jsm.delete_consumer(infra.TASKS_STREAM, self.name)
+        except JsNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - it expires by inactivity anyway
+            log.debug("delete results consumer %s: %s", self.name, exc)
 
 
 def _better(new: TaskResult, old: TaskResult | None) -> bool:
@@ -149,44 +189,44 @@ async def collect_results(
     got: dict[str, TaskResult] = {}
     seen: set[str] = set()
     msgs: list[Msg] = []
-    psub: JetStreamContext.PullSubscription | None = None
-    psub, name = await open_reader(
-        client, session_id, ack_wait=timeout + 30, wait=max(0.1, min(CONFLICT_WAIT, timeout))
-    )
+
+    def on_msg(msg: Msg) -> None:
+        msgs.append(msg)
+        result = _read(msg, seen)
+        if result is not None and _better(result, got.get(result.sub_prd_id)):
+            got[result.sub_prd_id] = result
+            if len(got) >= count:
+                reader.wake.set()
+
+    reader = Reader(client, session_id, on_msg, ack_wait=timeout + 30)
+    complete = count == 0
     try:
+        if not complete:
+            await reader.open(wait=max(0.1, min(CONFLICT_WAIT, timeout)))
         while len(got) < count:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if reader.broken:
+                msgs.clear()  # unacknowledged, they come again from the new consumer
+                seen.clear()
             try:
-                if psub is None:
-                    psub, name = await open_reader(client, session_id, ack_wait=timeout + 30, wait=remaining)
-                want = max(1, min(FETCH_BATCH, count - len(got)))
-                batch = await psub.fetch(want, timeout=max(0.05, min(remaining, FETCH_TIMEOUT)))
-            except TimeoutError:
-                continue
-            except (ConsumerConflictError, asyncio.CancelledError):
+                await reader.request(count - len(got))
+            except (ConsumerConflictError, ValueError):
                 raise
-            except Exception as exc:  # noqa: BLE001 - e.g. a server restart lost the reader
-                log.warning("collect_results(%s): fetch failed (%s); re-creating the reader", session_id, exc)
-                old, psub = psub, None
-                await close_reader(client, old, name)
-                msgs.clear()  # their acks would go to the old consumer; they come again
-                await asyncio.sleep(0.2)
+            except Exception as exc:  # noqa: BLE001 - e.g. reconnecting; retry until the deadline
+                log.warning("collect_results(%s): pull failed (%s); retrying", session_id, exc)
+                await asyncio.sleep(min(0.2, max(0.0, remaining)))
                 continue
-            for msg in batch:
-                msgs.append(msg)
-                result = _read(msg, seen)
-                if result is not None and _better(result, got.get(result.sub_prd_id)):
-                    got[result.sub_prd_id] = result
+            await reader.wait(remaining)
         complete = len(got) >= count
-        if complete:
+        if complete and msgs:
             # Returned to the caller: now they may leave the work-queue stream.
             for msg in msgs:
                 await msg.ack()
             await client.nc.flush()
     finally:
-        await close_reader(client, psub, name)
+        await reader.close()
     metrics.RESULTS_COLLECTED.inc(len(got))
     missing: set[str] = set()
     if not complete:
@@ -225,58 +265,65 @@ class ResultSubscription:
         self.session_id = subjects.token(session_id, "session_id")
         self.subject = subjects.orchestrator_results(session_id)
         self._handler = handler
-        self._psub: JetStreamContext.PullSubscription | None = None
-        self._name = ""
-        self._task: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._reader = Reader(client, session_id, self._queue.put_nowait, ack_wait=30.0)
+        self._pull: asyncio.Task[None] | None = None
+        self._deliver: asyncio.Task[None] | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.closed = False
         self.delivered = 0
 
     @property
     def active(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._pull is not None and not self._pull.done() and not self.closed
 
     async def start(self) -> ResultSubscription:
-        self._psub, self._name = await open_reader(self.client, self.session_id, ack_wait=30.0)
-        self._task = asyncio.create_task(self._run(), name=f"wq-results-{self.session_id}")
+        await self._reader.open()
+        self._pull = asyncio.create_task(self._pull_loop(), name=f"wq-results-pull-{self.session_id}")
+        self._deliver = asyncio.create_task(self._deliver_loop(), name=f"wq-results-{self.session_id}")
         return self
 
     async def unsubscribe(self) -> None:
-        """Stop and delete the reader; idempotent."""
+        """Stop and delete the reader; idempotent. Undelivered results stay in the stream."""
         if self.closed:
             return
         self.closed = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await close_reader(self.client, self._psub, self._name)
-        self._psub = None
+        for task in (self._pull, self._deliver):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self._reader.close()
 
     drain = unsubscribe
 
-    async def _run(self) -> None:
+    async def _pull_loop(self) -> None:
+        """Keep a window of results requested; the handler's pace sets the flow."""
         failures = 0
         while not self.closed:
             try:
-                if self._psub is None:
-                    self._psub, self._name = await open_reader(self.client, self.session_id, ack_wait=30.0)
-                batch = await self._psub.fetch(64, timeout=FETCH_TIMEOUT)
-            except TimeoutError:
-                continue
+                await self._reader.request(max(0, SUBSCRIPTION_WINDOW - self._queue.qsize()))
+                failures = 0
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - outlive outages; re-create the reader
+            except Exception as exc:  # noqa: BLE001 - outlive outages; the reader is re-created
                 failures += 1
-                log.warning("results of %s: fetch failed (%s); re-creating the reader", self.session_id, exc)
-                old, self._psub = self._psub, None
-                await close_reader(self.client, old, self._name)
+                log.warning("results of %s: pull failed (%s); retrying", self.session_id, exc)
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
                 continue
-            failures = 0
-            for msg in batch:
-                await self._deliver(msg)
+            await self._reader.wait(PULL_EXPIRES)
 
-    async def _deliver(self, msg: Msg) -> None:
+    async def _deliver_loop(self) -> None:
+        while True:
+            msg = await self._queue.get()
+            try:
+                await self._deliver_one(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("results of %s: delivery failed", self.session_id)
+            self._reader.wake.set()
+
+    async def _deliver_one(self, msg: Msg) -> None:
         result = _read(msg, self._seen)
         if result is not None:
             try:

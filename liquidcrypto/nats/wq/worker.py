@@ -176,7 +176,8 @@ class Worker:
             puller = self._puller
             timeout = (puller.seconds_to_next_deadline() if puller else None) or PULL_EXPIRES
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             if self._stopping:
                 break
@@ -285,7 +286,7 @@ class Worker:
             log.warning("double ack of task %s failed (%s); a redelivery will be de-duplicated", task_id, exc)
             return
         self.processed += 1
-        metrics.TASKS_DONE.labels(outcome="success" if result.success else "failure").inc()
+        (metrics.OK if result.success else metrics.FAILED).inc()
 
     async def _failed(self, msg: Msg, task: OrchestratorTask, task_id: str, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"
