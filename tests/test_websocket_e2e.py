@@ -8,6 +8,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -329,3 +330,9 @@ async def test_token_auth_and_client_limit(module_nats: NatsServer, tmp_path: Pa
         assert (await a.recv())["type"] == "pong"
         await b.close()
         await a.close()
+
+
+def test_dashboard_page_is_served(two_apps: list[AppInstance]) -> None:
+    r = httpx.get(two_apps[0].http + "/", timeout=5)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "new WebSocket(" in r.text and '"subscribe"' in r.text and "since_seq" in r.text

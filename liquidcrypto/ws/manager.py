@@ -99,6 +99,7 @@ class NatsWebSocketManager:
             ``init()``). Ignored with the Redis backend.
         settings: configuration (default: the client's, or ``Settings.from_env()``).
         backend: ``"nats"`` or ``"redis"`` (default ``settings.ws_backend``).
+        transport: a ready ``Backend`` object to use instead (benchmarks, tests).
 
     Use ``async with NatsWebSocketManager(client) as manager:`` or ``init()``/``close()``.
     """
@@ -109,10 +110,11 @@ class NatsWebSocketManager:
         *,
         settings: Settings | None = None,
         backend: str | None = None,
+        transport: Backend | None = None,
     ) -> None:
         self.settings = settings or (client.settings if client is not None else Settings.from_env())
-        self.backend_name = (backend or self.settings.ws_backend).lower()
-        if self.backend_name not in ("nats", "redis"):
+        self.backend_name = transport.name if transport is not None else (backend or self.settings.ws_backend).lower()
+        if transport is None and self.backend_name not in ("nats", "redis"):
             raise ValueError(f"invalid WebSocket backend {self.backend_name!r}: expected 'nats' or 'redis'")
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{next(_instances)}"
         self.queue_policy = QueuePolicy(
@@ -121,6 +123,7 @@ class NatsWebSocketManager:
             disconnect_after=self.settings.ws_disconnect_after,
         )
         self._client = client
+        self._transport = transport
         self._backend: Backend | None = None
         self._feeds: dict[str, _Feed] = {}
         self.sessions: set[ClientSession] = set()
@@ -148,7 +151,9 @@ class NatsWebSocketManager:
         if self._closed:
             raise LiquidNatsError("WebSocket manager is closed")
         backend: Backend
-        if self.backend_name == "nats":
+        if self._transport is not None:
+            backend = self._transport
+        elif self.backend_name == "nats":
             from liquidcrypto.ws.nats_backend import NatsBackend
 
             client = self._client or get_client()
