@@ -120,7 +120,10 @@ async def test_reenqueue_of_the_same_task_runs_once(wq: WorkQueue, client: NatsC
     assert (await wq.collect_results("s", 1, 10.0)).complete
     await stop()
     assert calls == {"a": 1}
-    assert await stream_messages(client, "orchestrator.>") == 0  # task and result removed
+    async def stream_empty() -> bool:  # the task and its collected result are removed
+        return await stream_messages(client, "orchestrator.>") == 0
+
+    await eventually(stream_empty, what="work-queue stream empty")
 
 
 async def test_worker_holds_only_as_many_tasks_as_free_slots(wq: WorkQueue, client: NatsClient) -> None:
@@ -374,3 +377,27 @@ def _try(fn: Any, *args: Any, **kwargs: Any) -> Any:
             return None
 
     return attempt
+
+
+async def test_task_whose_runs_never_finish_is_dead_lettered(wq: WorkQueue, client: NatsClient) -> None:
+    """Runs cut short (here by stop(); in life by a worker that dies) count as attempts."""
+    starts = 0
+    hang = asyncio.Event()
+
+    async def handler(t: OrchestratorTask) -> dict[str, Any]:
+        nonlocal starts
+        starts += 1
+        await hang.wait()
+        return {"success": True}
+
+    await wq.enqueue_orchestrator_task(task("s", "killer"))
+    for run in range(1, 4):
+        stop = await wq.start_orchestrator_worker(handler, max_deliver=2)
+        await eventually(lambda run=run: starts == run, what=f"run {run} started")
+        await stop(timeout=0.1)
+    stop = await wq.start_orchestrator_worker(handler, max_deliver=2)
+    [result] = await wq.collect_results("s", 1, 10.0)
+    await stop(timeout=0.1)
+    assert starts == 3 and not result.success and "2 runs never finished" in (result.error or "")
+    [letter] = await list_dead_letters(client)
+    assert letter.task_id == "s.killer" and letter.attempts == 2

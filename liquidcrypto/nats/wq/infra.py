@@ -2,8 +2,10 @@
 
 - the shared durable consumer ``orchestrator-workers`` on ``orchestrator.tasks.>``;
 - the dead-letter stream ``ORCHESTRATOR_DLQ`` on ``orchestrator.dlq.>`` (limits, 14 days);
-- the key-value bucket ``ORCHESTRATOR_ATTEMPTS``: failed handler runs per task id, so
-  retries are counted exactly even when specialist routing declines deliveries.
+- the key-value bucket ``ORCHESTRATOR_ATTEMPTS``: failed and unfinished handler runs per
+  task id, so attempts are counted exactly even when specialist routing declines
+  deliveries (the server's delivery count includes declines). Only failures and
+  redeliveries touch it: the first, successful run of a task costs nothing here.
 
 All are created idempotently when the work queue is first used.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -28,6 +32,7 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundErro
 from nats.js.errors import NotFoundError as JsNotFoundError
 from nats.js.kv import KeyValue
 
+from liquidcrypto import codec
 from liquidcrypto.errors import ConsumerConflictError
 from liquidcrypto.nats import streams, subjects
 
@@ -142,22 +147,59 @@ def attempts_key(task_id: str) -> str:
     return base64.urlsafe_b64encode(task_id.encode()).decode().rstrip("=")
 
 
-async def record_failure(kv: KeyValue, task_id: str) -> int:
-    """Count one more failed run of ``task_id``; the new count (compare-and-set)."""
+@dataclass(frozen=True)
+class Attempts:
+    """What the attempts bucket knows of one task id.
+
+    Attributes:
+        failures: handler runs that raised.
+        unfinished: redelivered runs that neither failed nor acknowledged (the worker
+            died, lost the connection, or was stopped while running it).
+    """
+
+    failures: int = 0
+    unfinished: int = 0
+
+
+async def _update(
+    kv: KeyValue, task_id: str, change: Callable[[Attempts], Attempts | None]
+) -> tuple[Attempts, bool]:
+    """Compare-and-set ``change`` on the task's entry; the value and whether it changed."""
     key = attempts_key(task_id)
     for _ in range(20):
         try:
             entry = await kv.get(key)
         except KeyNotFoundError:  # also a deleted or expired key
-            try:
-                await kv.create(key, b"1")
-                return 1
-            except KeyWrongLastSequenceError:
-                continue
-        count = int(entry.value or b"0") + 1
+            entry = None
+        old = Attempts(**codec.decode(entry.value)) if entry is not None and entry.value else Attempts()
+        new = change(old)
+        if new is None:
+            return old, False
+        data = codec.encode(asdict(new))
         try:
-            await kv.update(key, str(count).encode(), last=entry.revision)
-            return count
+            if entry is None:
+                await kv.create(key, data)
+            else:
+                await kv.update(key, data, last=entry.revision)
+            return new, True
         except KeyWrongLastSequenceError:
             continue
-    raise RuntimeError(f"could not count a failure of task {task_id!r}: too much contention")
+    raise RuntimeError(f"could not update the attempts of task {task_id!r}: too much contention")
+
+
+async def record_failure(kv: KeyValue, task_id: str, *, redelivered: bool) -> Attempts:
+    """Count a failed run (and close the unfinished run ``record_start`` opened)."""
+    state, _ = await _update(
+        kv, task_id,
+        lambda a: Attempts(a.failures + 1, max(0, a.unfinished - 1) if redelivered else a.unfinished),
+    )
+    return state
+
+
+async def record_start(kv: KeyValue, task_id: str, *, limit: int) -> tuple[Attempts, bool]:
+    """Before running a redelivered task: count the run as unfinished until it fails or
+    succeeds. Returns the state and False when ``limit`` earlier runs never finished
+    (a task that kills its workers): do not run it again."""
+    return await _update(
+        kv, task_id, lambda a: None if a.unfinished >= limit else Attempts(a.failures, a.unfinished + 1)
+    )

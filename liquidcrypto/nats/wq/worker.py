@@ -38,7 +38,6 @@ DEFAULT_MAX_DELIVER = 5
 DEFAULT_BACKOFF: tuple[float, ...] = (1.0, 5.0, 30.0)
 DEFAULT_STOP_TIMEOUT = 30.0
 DECLINE_DELAY = 1.0
-MAX_REDELIVERIES = 200
 
 
 class Worker:
@@ -56,7 +55,6 @@ class Worker:
         backoff: Sequence[float] = DEFAULT_BACKOFF,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         decline_delay: float = DECLINE_DELAY,
-        max_redeliveries: int = MAX_REDELIVERIES,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -75,7 +73,6 @@ class Worker:
         self.backoff = tuple(backoff) or (0.0,)
         self.stop_timeout = stop_timeout
         self.decline_delay = decline_delay
-        self.max_redeliveries = max_redeliveries
         self._puller: Puller | None = None
         self._kv: KeyValue | None = None
         self._heartbeat_every = ack_wait / 2
@@ -255,12 +252,8 @@ class Worker:
             metrics.TASKS_DONE.labels(outcome="declined").inc()
             await msg.nak(delay=self.decline_delay)
             return
-        if self.max_redeliveries > 0 and md.num_delivered > self.max_redeliveries:
-            await self._give_up(
-                msg, task, task_id, md.num_delivered,
-                f"delivered {md.num_delivered} times without completing (workers crashed, were stopped, "
-                "or no worker for its specialist)",
-            )
+        redelivered = md.num_delivered > 1
+        if redelivered and not await self._may_run(msg, task, task_id):
             return
         started = time.perf_counter()
         try:
@@ -268,7 +261,7 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a handler failure is a retry, logged
-            await self._failed(msg, task, task_id, exc)
+            await self._failed(msg, task, task_id, exc, redelivered)
             return
         finally:
             metrics.TASK_SECONDS.observe(time.perf_counter() - started)
@@ -288,11 +281,30 @@ class Worker:
         self.processed += 1
         (metrics.OK if result.success else metrics.FAILED).inc()
 
-    async def _failed(self, msg: Msg, task: OrchestratorTask, task_id: str, exc: Exception) -> None:
+    async def _may_run(self, msg: Msg, task: OrchestratorTask, task_id: str) -> bool:
+        """For a redelivered task: False (and dead-lettered) if ``max_deliver`` earlier
+        runs never finished — workers died or lost it while running it."""
+        assert self._kv is not None
+        try:
+            state, ok = await infra.record_start(self._kv, task_id, limit=self.max_deliver)
+        except Exception as exc:  # noqa: BLE001 - cannot tell; run it
+            log.warning("could not record the start of %s (%s); running it", task_id, exc)
+            return True
+        if not ok:
+            await self._give_up(
+                msg, task, task_id, state.failures + state.unfinished,
+                f"{state.unfinished} runs never finished (the worker died, lost its connection or "
+                f"exceeded ack_wait={self.ack_wait:g}s without heartbeats)",
+            )
+        return ok
+
+    async def _failed(
+        self, msg: Msg, task: OrchestratorTask, task_id: str, exc: Exception, redelivered: bool
+    ) -> None:
         error = f"{type(exc).__name__}: {exc}"
         assert self._kv is not None
         try:
-            attempts = await infra.record_failure(self._kv, task_id)
+            attempts = (await infra.record_failure(self._kv, task_id, redelivered=redelivered)).failures
         except Exception as kv_exc:  # noqa: BLE001 - fall back to the server's delivery count
             log.warning("could not count failure of %s (%s); using delivery count", task_id, kv_exc)
             attempts = msg.metadata.num_delivered
