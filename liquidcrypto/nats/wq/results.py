@@ -86,8 +86,7 @@ class Reader:
             ack_wait=self.ack_wait,
             max_ack_pending=-1,
             inactive_threshold=INACTIVE_THRESHOLD,
-            num_replicas=1,
-            mem_storage=True,
+            # Replicas are inherited: a work-queue stream's consumers must match its own.
         )
         deadline = time.monotonic() + wait
         delay = 0.1
