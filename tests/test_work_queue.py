@@ -8,15 +8,18 @@ from typing import Any
 
 import pytest
 
+import liquidcrypto.nats as pkg
+from liquidcrypto.config import Settings
 from liquidcrypto.errors import (
     ConsumerConflictError,
     DeadLetterNotFoundError,
     InvalidSubjectError,
     InvalidTaskError,
+    NatsUnavailableError,
 )
 from liquidcrypto.nats import streams
 from liquidcrypto.nats.client import NatsClient
-from liquidcrypto.nats.embedded import NatsServer
+from liquidcrypto.nats.embedded import NatsServer, free_port
 from liquidcrypto.nats.work_queue import (
     OrchestratorTask,
     TaskResult,
@@ -401,3 +404,20 @@ async def test_task_whose_runs_never_finish_is_dead_lettered(wq: WorkQueue, clie
     assert starts == 3 and not result.success and "2 runs never finished" in (result.error or "")
     [letter] = await list_dead_letters(client)
     assert letter.task_id == "s.killer" and letter.attempts == 2
+
+
+async def test_enqueue_without_nats_raises_instead_of_dropping() -> None:
+    client = NatsClient(f"nats://127.0.0.1:{free_port()}", settings=Settings())
+    await client.connect()  # degraded: nobody listens there
+    try:
+        with pytest.raises(NatsUnavailableError):
+            await WorkQueue(client).enqueue_orchestrator_task(task("s", "a"))
+    finally:
+        await client.close()
+
+
+def test_public_names_are_exported() -> None:
+    for name in ("WorkQueue", "OrchestratorTask", "TaskResult", "ResultSet", "DeadLetter", "EnqueueReceipt",
+                 "enqueue_orchestrator_task", "start_orchestrator_worker", "collect_results",
+                 "subscribe_to_results", "list_dead_letters", "requeue_dead_letter"):
+        assert name in pkg.__all__ and callable(getattr(pkg, name)), name
