@@ -9,9 +9,10 @@
 For each backend and client count, clients (``websockets``, no compression, spread over
 two worker processes and over the instances) subscribe to one symbol; trades are
 offered at a fixed rate for a few seconds. Reported: frames delivered per second over
-all clients, the share of what was offered, publish -> receive latency p50/p99 (each
-trade carries its ``time.time()``), trades not delivered (conflated or dropped, as the
-``missed`` counts say), and app memory per connected client (RSS growth / clients).
+all clients (counted until the last frame arrived), the share of what was offered,
+publish -> receive latency p50/p99 (each trade carries its ``time.time()``), frames the
+apps conflated or dropped for clients that fell behind (their ``/api/v1/ws/stats``), and
+app memory per connected client (RSS growth / clients).
 
 Targets (issue 5): nats >= 70 % of the in-process baseline's delivered frames/s;
 p99 < 50 ms at 100 clients x 1,000 trades/s; a stalled client costs bounded memory
@@ -99,7 +100,9 @@ class MemoryBackend:
         return {}
 
 
-async def paced_publish(publish: Callable[[str, Any], Awaitable[None]], rate: float, seconds: float) -> int:
+async def paced_publish(
+    publish: Callable[[str, Any], Awaitable[None]], rate: float, seconds: float, pad: str = PAD
+) -> int:
     """Publish ``rate`` trades/s for ``seconds``; each carries its publish time ``t``."""
     start = time.monotonic()
     sent = 0
@@ -109,7 +112,7 @@ async def paced_publish(publish: Callable[[str, Any], Awaitable[None]], rate: fl
             return sent
         due = int(rate * elapsed) + 1
         while sent < due:
-            await publish(SYMBOL, {"price": 95000.5 + sent % 100, "volume": 1.5, "t": time.time(), "pad": PAD})
+            await publish(SYMBOL, {"price": 95000.5 + sent % 100, "volume": 1.5, "t": time.time(), "pad": pad})
             sent += 1
         await asyncio.sleep(0.002)
 
@@ -287,6 +290,7 @@ async def run_case(
     publish: Callable[[float, float], Awaitable[int]],
 ) -> Result:
     rss0 = sum(a.rss() for a in instances)
+    lost0 = await lost_frames(instances)
     urls = [a.ws for a in instances]
     per = [clients // WORKERS + (i < clients % WORKERS) for i in range(WORKERS)]
     workers = []
@@ -331,13 +335,23 @@ async def run_case(
         delivered_share=received / max(1, sent * clients),
         p50_ms=percentile(lat, 0.5) * 1000,
         p99_ms=percentile(lat, 0.99) * 1000,
-        missed=sum(r["missed"] for r in reports),
+        missed=await lost_frames(instances) - lost0,
         mem_per_client=(rss1 - rss0) / max(1, clients),
     )
 
 
-async def stalled_client_memory(app: App, publish: Callable[[float, float], Awaitable[int]], seconds: float) -> str:
-    """RSS growth of ``app`` while one subscribed client never reads."""
+async def lost_frames(instances: list[App]) -> int:
+    """Trades conflated or dropped for slow clients so far, over ``instances``."""
+    total = 0
+    async with httpx.AsyncClient() as http:
+        for a in instances:
+            stats = (await http.get(f"http://127.0.0.1:{a.port}/api/v1/ws/stats", timeout=10)).json()
+            total += stats["clients_total"]["dropped"] + stats["clients_total"]["conflated"]
+    return int(total)
+
+
+async def stalled_client_memory(app: App, publish: Callable[[str, Any], Awaitable[None]], seconds: float) -> str:
+    """RSS growth of ``app`` while one subscribed client never reads (2 KiB trades)."""
     import websockets
 
     sock = socket.socket()
@@ -347,13 +361,15 @@ async def stalled_client_memory(app: App, publish: Callable[[float, float], Awai
     ws = await websockets.connect(app.ws, sock=sock, compression=None, max_queue=1)
     await ws.send(orjson.dumps({"action": "subscribe", "symbols": [SYMBOL]}).decode())
     rss0 = app.rss()
-    sent = await publish(2000, seconds)
+    sent = await paced_publish(publish, 5000, seconds, pad="x" * 2048)
+    await asyncio.sleep(0.5)
     grown = app.rss() - rss0
     async with httpx.AsyncClient() as http:
         stats = (await http.get(f"http://127.0.0.1:{app.port}/api/v1/ws/stats", timeout=5)).json()["clients_total"]
     ws.transport.abort()
     return (
-        f"stalled client: {sent:,} trades published, app RSS grew {grown / 1e6:.1f} MB, "
+        f"stalled client: {sent:,} trades of 2 KiB ({sent * 2 / 1024:.0f} MiB) published, app RSS grew "
+        f"{grown / 1e6:.1f} MB, "
         f"queued {stats['queued']} (limit {Settings.from_env().ws_queue_size}), dropped {stats['dropped']:,}, "
         f"conflated {stats['conflated']:,}"
     )
@@ -411,7 +427,9 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
                                     await run_case(backend, instances, n, args.rate, args.seconds, publish_via)
                                 )
                             if backend == "nats" and not args.quick:
-                                notes.append(await stalled_client_memory(instances[0], publish_via, args.seconds))
+                                notes.append(
+                                    await stalled_client_memory(instances[0], manager.publish_trade_event, args.seconds)
+                                )
                     finally:
                         await manager.close()
                         await client.close()

@@ -279,13 +279,14 @@ class NatsWebSocketManager:
         if feed is None:
             feed = self._feeds[symbol] = _Feed(symbol, protocol.symbol_prefix(symbol))
         async with feed.lock:
-            if not feed.open:
-                await self.backend.open_feed(symbol)
-                feed.open = True
+            # Listen first: if the feed cannot open now (NATS down), it reopens on reconnect.
             if session is not None:
                 feed.sessions.add(session)
             if handler is not None:
                 feed.handlers.add(handler)
+            if not feed.open:
+                await self.backend.open_feed(symbol)
+                feed.open = True
 
     async def _remove(
         self, symbol: str, *, session: ClientSession | None = None, handler: _HandlerListener | None = None

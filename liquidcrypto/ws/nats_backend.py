@@ -309,7 +309,7 @@ class NatsBackend:
         subject = subjects.trade(symbol)
         jsm = self.client.js._jsm
         try:
-            end = (await jsm.get_last_msg(TRADE_EVENTS, subject)).seq
+            end = int((await jsm.get_last_msg(TRADE_EVENTS, subject)).seq or 0)
         except NotFoundError:
             return [], since_seq is None or since_seq == 0
         first = (await jsm.stream_info(TRADE_EVENTS)).state.first_seq

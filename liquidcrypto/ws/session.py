@@ -124,7 +124,7 @@ class ClientSession:
                 state.held.popleft()
                 self.dropped += 1
                 metrics.DROPPED.inc()
-                self._lose(dropped=True)
+                self._lose()
             return
         self._offer_trade(symbol, state, seq, frame)
 
@@ -140,7 +140,7 @@ class ClientSession:
                 entry.seq, entry.frame = seq, frame
                 self.conflated += 1
                 metrics.CONFLATED.inc()
-                self._lose(dropped=False)
+                self._lose()
                 return
         entry = _Entry(symbol, seq, frame)
         self._latest[symbol] = entry
@@ -155,7 +155,7 @@ class ClientSession:
                 del self._latest[old.symbol]
             self.dropped += 1
             metrics.DROPPED.inc()
-            self._lose(dropped=True)
+            self._lose()
             if self.kicked.is_set():
                 return
         self._queue.append(entry)
@@ -166,7 +166,7 @@ class ClientSession:
     def _soft_limit(self) -> int:
         return self.policy.conflate_at or self.policy.queue_size
 
-    def _lose(self, *, dropped: bool) -> None:
+    def _lose(self) -> None:
         self.missed += 1
         self._lost_since_progress += 1
         limit = self.policy.disconnect_after
