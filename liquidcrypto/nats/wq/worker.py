@@ -130,10 +130,15 @@ class Worker:
             if pending:
                 log.warning("worker stop: %d task(s) unfinished; handed back for redelivery", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
-        # Open pull requests expire within PULL_EXPIRES; what they still deliver is nak-ed.
+        # Open pull requests expire within PULL_EXPIRES; keep the inbox until then and hand
+        # back what they still deliver (e.g. a task nak-ed above), rather than leave it in
+        # a dead inbox until ack_wait runs out.
+        deadline = max(deadline, time.monotonic() + PULL_EXPIRES + 0.5)
         while self._puller is not None and self._puller.outstanding and time.monotonic() < deadline:
             self._puller.expire_stale()
             await asyncio.sleep(0.05)
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -156,12 +161,17 @@ class Worker:
         info = await infra.ensure_worker_consumer(js, self.ack_wait)
         actual = info.config.ack_wait or self.ack_wait
         self._heartbeat_every = max(0.1, min(self.ack_wait, actual) / 2)
-        old, self._puller = self._puller, None
-        if old is not None:
-            await old.close()
-        puller = Puller(self.client, infra.TASKS_STREAM, infra.WORKER_CONSUMER, self._arrived, self._wake.set)
-        await puller.open()
-        self._puller = puller
+        if self._puller is None:
+            puller = Puller(self.client, infra.TASKS_STREAM, infra.WORKER_CONSUMER, self._arrived, self._wake.set)
+            await puller.open()
+            self._puller = puller
+        else:
+            # nats-py restores the inbox subscription on reconnect; the server may have
+            # lost our pull requests, so ask again. Requests that survived a mere blip
+            # still deliver here (briefly more than `concurrency` may run), never to a
+            # dead inbox where they would wait out ack_wait.
+            self._puller.reset()
+            self._puller.consumer_gone = False
         self._rebind = False
 
     # -- the loops -------------------------------------------------------------
