@@ -111,8 +111,12 @@ async def test_task_without_payload_and_plain_values(client: NatsClient, bus: A2
     _, body, _ = await stored(client, seq)
     assert body["id"] == "t-1" and body["data"] == {"text": "hi", "n": 2}
     seq = await bus.publish_task("a1", "echo", [1, 2, 3])
-    _, body, _ = await stored(client, seq)
-    assert body["data"] == [1, 2, 3] and len(body["id"]) == 22
+    _, body, headers = await stored(client, seq)
+    assert body["data"] == [1, 2, 3] and body["id"]
+    assert "Nats-Msg-Id" not in headers  # a generated id is never re-sent: nothing to de-duplicate
+    seq2 = await bus.publish_task("a1", "echo", [1, 2, 3])
+    _, body2, _ = await stored(client, seq2)
+    assert seq2 == seq + 1 and body2["id"] != body["id"]
     seq = await bus.publish_task("a1", "echo", {"id": "t-2", "payload": 5, "priority": 3, "correlationId": "c1"})
     _, body, _ = await stored(client, seq)
     assert body["data"] == 5 and body["metadata"] == {"priority": 3} and body["correlation_id"] == "c1"

@@ -17,6 +17,8 @@ object, a field of the wrong type) is a ``InvalidPayloadError``.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -34,7 +36,20 @@ from liquidcrypto.errors import InvalidPayloadError
 MSG_ID_HEADER = "Nats-Msg-Id"
 SYSTEM_AGENT = "system"
 
-_nuid = NUID()
+# Ids: a random per-process prefix (NUID, 22 characters) plus a counter. Unique across
+# processes and ~4x cheaper than a NUID per message on the hot publish path.
+_PREFIX = NUID().next().decode()[:16]
+_counter = itertools.count(1)
+
+
+def _reseed() -> None:
+    """A forked child must not repeat its parent's ids (they are de-duplication keys)."""
+    global _PREFIX, _counter
+    _PREFIX = NUID().next().decode()[:16]
+    _counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed)
 
 
 class Kind(StrEnum):
@@ -99,8 +114,8 @@ class Envelope(BaseModel):
 
 
 def new_id() -> str:
-    """A unique message id (a NATS NUID: 22 characters, cheap to make)."""
-    return _nuid.next().decode()
+    """A unique message id: 16 random characters per process, then a hex counter."""
+    return f"{_PREFIX}{next(_counter):x}"
 
 
 def now_ms() -> int:
@@ -144,7 +159,10 @@ def encode(
         out["reply_to"] = reply_to
     if metadata:
         out["metadata"] = dict(metadata)
-    return codec.encode(out)
+    try:
+        return orjson.dumps(out)
+    except TypeError:
+        return codec.encode(out)  # numpy values, non-string keys; or the project's error
 
 
 def _defaults_from_subject(subject: str) -> tuple[Kind, str, str]:
@@ -171,6 +189,11 @@ def decode(raw: bytes, subject: str, headers: Mapping[str, str] | None = None) -
     Raises:
         InvalidPayloadError: not JSON, not an object, or a field of the wrong type.
     """
+    try:
+        # Fast path: a complete envelope written by the bus.
+        return Envelope.model_validate_json(raw)
+    except ValidationError:
+        pass
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
