@@ -20,13 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError
 
 from liquidcrypto.errors import (
@@ -34,11 +33,10 @@ from liquidcrypto.errors import (
     InvalidTaskError,
     LiquidNatsError,
     NatsUnavailableError,
-    RequestTimeoutError,
 )
 from liquidcrypto.nats import streams, subjects
 from liquidcrypto.nats.a2a import envelope as env_mod
-from liquidcrypto.nats.a2a import metrics
+from liquidcrypto.nats.a2a import history, metrics
 from liquidcrypto.nats.a2a.durable import (
     DEFAULT_ACK_WAIT,
     DEFAULT_BATCH,
@@ -48,7 +46,7 @@ from liquidcrypto.nats.a2a.durable import (
 from liquidcrypto.nats.a2a.envelope import MSG_ID_HEADER, SYSTEM_AGENT, Envelope, Kind
 from liquidcrypto.nats.a2a.lifecycle import TaskRecord, TaskState, TaskStateChange, TaskStateStore
 from liquidcrypto.nats.a2a.registry import AgentCard, AgentInfo, AgentRegistry
-from liquidcrypto.nats.a2a.replies import run_handler
+from liquidcrypto.nats.a2a.replies import ReplyInbox, run_handler
 from liquidcrypto.nats.client import NatsClient, Subscription, call_handler
 
 log = logging.getLogger(__name__)
@@ -89,18 +87,6 @@ def _task_fields(task: Any) -> tuple[str | None, Any, str | None, dict[str, Any]
     return task_id, data, correlation, rest or None
 
 
-def _start_of(since: datetime | timedelta | int | None) -> tuple[DeliverPolicy, dict[str, Any]]:
-    if since is None:
-        return DeliverPolicy.ALL, {}
-    if isinstance(since, timedelta):
-        return DeliverPolicy.BY_START_TIME, {"opt_start_time": datetime.now(UTC) - since}
-    if isinstance(since, datetime):
-        return DeliverPolicy.BY_START_TIME, {"opt_start_time": since}
-    if isinstance(since, int) and since > 0:
-        return DeliverPolicy.BY_START_SEQUENCE, {"opt_start_seq": since}
-    raise ValueError(f"since={since!r} must be a datetime, a timedelta or a stream sequence >= 1")
-
-
 class A2ABus:
     """The A2A bus on a ``NatsClient``. Use ``async with A2ABus(client) as bus:`` or ``close()``."""
 
@@ -110,9 +96,7 @@ class A2ABus:
         self._durables: set[DurableSubscription] = set()
         self._states: TaskStateStore | None = None
         self._registry: AgentRegistry | None = None
-        self._reply_prefix: str | None = None
-        self._reply_sub: Subscription | None = None
-        self._waiting: dict[str, asyncio.Future[Envelope]] = {}
+        self._inbox: ReplyInbox | None = None
         self._closed = False
 
     async def __aenter__(self) -> A2ABus:
@@ -130,12 +114,12 @@ class A2ABus:
             await self._registry.close()
         for durable in list(self._durables):
             await durable.stop()
-        for sub in [*self._subs, *([self._reply_sub] if self._reply_sub else [])]:
+        for sub in self._subs:
             await sub.unsubscribe()
+        if self._inbox is not None:
+            await self._inbox.close()
         self._subs.clear()
         self._durables.clear()
-        for fut in self._waiting.values():
-            fut.cancel()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -386,7 +370,7 @@ class A2ABus:
             return False
 
     async def replay(
-        self, pattern: str, since: datetime | timedelta | int | None = None, *, limit: int | None = None
+        self, pattern: str, since: history.Since = None, *, limit: int | None = None
     ) -> AsyncIterator[Envelope]:
         """Yield the stored messages matching ``pattern`` from ``since`` up to now, in order.
 
@@ -402,39 +386,8 @@ class A2ABus:
             InvalidSubjectError: the pattern is invalid.
         """
         self._check_open()
-        subject = absolute_pattern(pattern)
-        policy, start = _start_of(since)
-        js = self.client.js
-        name = env_mod.new_id()
-        config = ConsumerConfig(
-            name=name, filter_subject=subject, deliver_policy=policy, ack_policy=AckPolicy.NONE,
-            inactive_threshold=60.0, mem_storage=True, num_replicas=1, **start,
-        )
-        info = await js.add_consumer(streams.A2A_TASKS, config)
-        remaining = info.num_pending or 0
-        psub = await js.pull_subscribe_bind(consumer=name, stream=streams.A2A_TASKS) if remaining else None
-        count = 0
-        try:
-            while psub is not None and remaining > 0:
-                for msg in await psub.fetch(min(remaining, 256), timeout=5):
-                    remaining -= 1  # what was stored when we started; later messages are live, not history
-                    try:
-                        envelope = env_mod.decode(msg.data, msg.subject, msg.headers)
-                    except InvalidPayloadError as exc:
-                        seq = msg.metadata.sequence.stream
-                        log.warning("replay %s: skipping seq %s: %s", subject, seq, exc)
-                        continue
-                    yield envelope
-                    count += 1
-                    if limit is not None and count >= limit:
-                        return
-        finally:
-            if psub is not None:
-                await psub.unsubscribe()
-            try:
-                await js.delete_consumer(streams.A2A_TASKS, name)
-            except Exception as exc:  # noqa: BLE001 - it expires by itself after 60 s anyway
-                log.debug("replay consumer %s not deleted: %s", name, exc)
+        async for envelope in history.replay(self.client.js, absolute_pattern(pattern), since, limit=limit):
+            yield envelope
 
     # -- request / reply -------------------------------------------------------
 
@@ -451,36 +404,12 @@ class A2ABus:
             InvalidSubjectError / InvalidTaskError / NatsUnavailableError: as ``publish_task``.
         """
         subject = subjects.agent_task(agent_id, task_type)
-        inbox = await self._reply_inbox()
-        token = env_mod.new_id()
-        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
-        self._waiting[token] = fut
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            await self.publish_task(agent_id, task_type, task, reply_to=f"{inbox}.{token}", timeout=timeout)
-            reply = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
-        except TimeoutError:
-            raise RequestTimeoutError(subject, timeout) from None
-        finally:
-            self._waiting.pop(token, None)
+        if self._inbox is None:
+            self._inbox = ReplyInbox(self.client)
+        async with self._inbox.expect(subject, timeout) as (reply_to, answer):
+            await self.publish_task(agent_id, task_type, task, reply_to=reply_to, timeout=timeout)
+            reply = await answer()
         return reply.data
-
-    async def _reply_inbox(self) -> str:
-        if self._reply_prefix is None:
-            prefix = self.client.nc.new_inbox()
-            self._reply_sub = await self.client.subscribe_msgs(f"{prefix}.*", self._on_reply)
-            self._reply_prefix = prefix
-        return self._reply_prefix
-
-    async def _on_reply(self, msg: Msg) -> None:
-        fut = self._waiting.get(msg.subject.rsplit(".", 1)[-1])
-        if fut is None or fut.done():
-            return  # the requester gave up already
-        try:
-            fut.set_result(env_mod.decode(msg.data, msg.subject, msg.headers))
-        except InvalidPayloadError as exc:
-            log.warning("ignoring a bad reply on %s: %s", msg.subject, exc)
 
     # -- task lifecycle --------------------------------------------------------
 
