@@ -70,8 +70,8 @@ class OrchestratorTask(_Wire):
 
     @property
     def subject(self) -> str:
-        """``orchestrator.tasks.{session_id}.{sub_prd_id}``"""
-        return subjects.orchestrator_task(self.session_id, self.sub_prd_id)
+        """``orchestrator.tasks.{session_id}.{sub_prd_id}`` (ids were validated as tokens)."""
+        return f"{subjects.ORCHESTRATOR_TASKS}.{self.session_id}.{self.sub_prd_id}"
 
     @property
     def dedupe_id(self) -> str:
@@ -101,8 +101,8 @@ class TaskResult(_Wire):
 
     @property
     def subject(self) -> str:
-        """``orchestrator.results.{session_id}.{sub_prd_id}``"""
-        return subjects.orchestrator_result(self.session_id, self.sub_prd_id)
+        """``orchestrator.results.{session_id}.{sub_prd_id}`` (ids were validated as tokens)."""
+        return f"{subjects.ORCHESTRATOR_RESULTS}.{self.session_id}.{self.sub_prd_id}"
 
 
 class EnqueueReceipt(BaseModel):
