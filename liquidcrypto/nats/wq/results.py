@@ -33,7 +33,7 @@ from nats.js.errors import NotFoundError as JsNotFoundError
 
 from liquidcrypto.errors import ConsumerConflictError, InvalidPayloadError
 from liquidcrypto.nats import subjects
-from liquidcrypto.nats.client import NatsClient, call_handler
+from liquidcrypto.nats.client import ConnectionState, NatsClient, call_handler
 from liquidcrypto.nats.wq import infra, metrics
 from liquidcrypto.nats.wq.models import ResultSet, TaskResult, decode_result
 from liquidcrypto.nats.wq.puller import PULL_EXPIRES, Puller
@@ -305,6 +305,9 @@ class ResultSubscription:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - outlive outages; the reader is re-created
+                if self.client.state is ConnectionState.CLOSED:
+                    log.warning("results of %s: client closed before unsubscribe()", self.session_id)
+                    return
                 failures += 1
                 log.warning("results of %s: pull failed (%s); retrying", self.session_id, exc)
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))

@@ -23,7 +23,7 @@ from nats.js.kv import KeyValue
 
 from liquidcrypto import codec
 from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError, LiquidNatsError, NatsUnavailableError
-from liquidcrypto.nats.client import NatsClient, call_handler
+from liquidcrypto.nats.client import ConnectionState, NatsClient, call_handler
 from liquidcrypto.nats.wq import dead_letters, infra, metrics
 from liquidcrypto.nats.wq.models import DeadLetter, OrchestratorTask, TaskResult, coerce_result, decode_task
 from liquidcrypto.nats.wq.puller import PULL_EXPIRES, Puller
@@ -201,6 +201,9 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the loop must outlive outages
+                if self.client.state is ConnectionState.CLOSED:
+                    log.warning("orchestrator worker: client closed before stop(); no longer pulling")
+                    break
                 failures += 1
                 self._rebind = True
                 delay = min(2.0, 0.1 * 2**failures)
