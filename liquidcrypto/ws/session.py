@@ -234,24 +234,36 @@ class ClientSession:
     async def run_writer(self) -> None:
         """Send queued frames until cancelled or kicked."""
         queue = self._queue
-        while not self.kicked.is_set():
-            if not queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            entry = queue.popleft()
-            if entry.symbol is not None and self._latest.get(entry.symbol) is entry:
-                del self._latest[entry.symbol]
-            if len(queue) < self._soft_limit():
-                self._room.set()
-            text = entry.frame
-            if self.missed:
-                text = protocol.with_missed(text, self.missed)
-                self.missed = 0
-            await self._send(text)
-            self.sent += 1
-            self._lost_since_progress = 0
-            metrics.FRAMES_SENT.inc()
+        soft_limit = self._soft_limit()
+        unreported = 0  # frames sent but not yet added to the Prometheus counter
+        try:
+            while not self.kicked.is_set():
+                if not queue:
+                    if unreported:
+                        metrics.FRAMES_SENT.inc(unreported)
+                        unreported = 0
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                entry = queue.popleft()
+                if entry.symbol is not None and self._latest.get(entry.symbol) is entry:
+                    del self._latest[entry.symbol]
+                if len(queue) < soft_limit:
+                    self._room.set()
+                text = entry.frame
+                if self.missed:
+                    text = protocol.with_missed(text, self.missed)
+                    self.missed = 0
+                await self._send(text)
+                self.sent += 1
+                self._lost_since_progress = 0
+                unreported += 1
+                if unreported >= 256:
+                    metrics.FRAMES_SENT.inc(unreported)
+                    unreported = 0
+        finally:
+            if unreported:
+                metrics.FRAMES_SENT.inc(unreported)
 
     def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         """Run ``coro`` as a task owned by this session (cancelled by ``cancel_tasks``)."""
