@@ -74,18 +74,23 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+LOST: dict[str, int] = {}
+
+
 async def _latency_block(
-    n: int, send: Callable[[int], Awaitable[Any]], arrived: list[asyncio.Event], stamps: list[int]
+    n: int, send: Callable[[int], Awaitable[Any]], arrived: list[asyncio.Event], stamps: list[int], name: str
 ) -> list[float]:
+    """``n`` one-at-a-time samples; a message not seen within 2 s is counted as lost."""
     out: list[float] = []
     for i in range(n):
         event = arrived[0] = asyncio.Event()
         t0 = time.perf_counter_ns()
         await send(i)
         try:
-            await asyncio.wait_for(event.wait(), 5)
+            await asyncio.wait_for(event.wait(), 2)
         except TimeoutError:
-            raise RuntimeError(f"message {i} of a latency block was not delivered within 5 s") from None
+            LOST[name] = LOST.get(name, 0) + 1
+            continue
         out.append((stamps[0] - t0) / 1000)
     return out
 
@@ -114,6 +119,7 @@ async def bench_core(url: str, n: int, rounds: int) -> tuple[Row, ...]:
 
     raw_s = await raw_sub.subscribe(SUBJECT, cb=raw_cb)
     await raw_sub.flush()
+    await raw_pub.flush()
 
     async def raw_send(i: int) -> None:
         await raw_pub.publish(SUBJECT, orjson.dumps(DATA))
@@ -138,16 +144,16 @@ async def bench_core(url: str, n: int, rounds: int) -> tuple[Row, ...]:
     for r in range(rounds + 1):  # round 0 warms up
         raw_s = await raw_sub.subscribe(SUBJECT, cb=raw_cb)
         await raw_sub.flush()
-        lat = await _latency_block(n, raw_send, arrived, stamps)
+        lat = await _latency_block(n, raw_send, arrived, stamps, "raw")
         raw_lat += lat if r else []
         await raw_s.unsubscribe()
         bus_s = await bus_sub.subscribe_to_events("bench.events.tick", bus_handler)
         await sub_client.flush()
-        lat = await _latency_block(n, bus_send, arrived, stamps)
+        lat = await _latency_block(n, bus_send, arrived, stamps, "bus")
         bus_lat += lat if r else []
-        lat = await _latency_block(n, bus_send_with_id, arrived, stamps)
+        lat = await _latency_block(n, bus_send_with_id, arrived, stamps, "bus, caller id")
         bus_id_lat += lat if r else []
-        lat = await _latency_block(n, bus_send_acked, arrived, stamps)
+        lat = await _latency_block(n, bus_send_acked, arrived, stamps, "bus, acked")
         bus_ack_lat += lat if r else []
         await bus_s.unsubscribe()
 
@@ -296,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         args.count, args.rounds, args.js_count = 200, 1, 2000
     logging.basicConfig(level=logging.WARNING)
     rows = asyncio.run(run(args.count, args.rounds, args.js_count))
-    render(rows, Console())
+    console = Console()
+    render(rows, console)
+    if LOST:
+        console.print(f"messages not delivered within 2 s (left out of the figures): {LOST}")
     return 0
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "TaskRecord",
     "TaskState",
     "TaskStateChange",
+    "close_bus",
     "get_bus",
     "list_agents",
     "publish_event",
@@ -59,6 +60,14 @@ def get_bus() -> A2ABus:
     if _bus is None or _bus.client is not client or _bus._closed:
         _bus = A2ABus(client)
     return _bus
+
+
+async def close_bus() -> None:
+    """Close the default client's bus (heartbeats, durable loops); call before ``close_nats()``."""
+    global _bus
+    bus, _bus = _bus, None
+    if bus is not None:
+        await bus.close()
 
 
 async def publish_task(agent_id: str, task_type: str, task: Any = None, **options: Any) -> int | None:

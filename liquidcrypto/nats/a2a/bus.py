@@ -47,7 +47,7 @@ from liquidcrypto.nats.a2a.envelope import MSG_ID_HEADER, SYSTEM_AGENT, Envelope
 from liquidcrypto.nats.a2a.lifecycle import TaskRecord, TaskState, TaskStateChange, TaskStateStore
 from liquidcrypto.nats.a2a.registry import AgentCard, AgentInfo, AgentRegistry
 from liquidcrypto.nats.a2a.replies import ReplyInbox, run_handler
-from liquidcrypto.nats.client import NatsClient, Subscription, call_handler
+from liquidcrypto.nats.client import ConnectionState, NatsClient, Subscription, call_handler
 
 log = logging.getLogger(__name__)
 
@@ -469,6 +469,7 @@ class A2ABus:
             self._registry = AgentRegistry(
                 self.client.js, ttl=s.a2a_agent_ttl, interval=s.a2a_heartbeat_interval,
                 replicas=s.js_replicas, beat=self._publish_heartbeat,
+                closed=lambda: self._closed or self.client.state is ConnectionState.CLOSED,
             )
         return self._registry
 

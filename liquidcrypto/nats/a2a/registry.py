@@ -70,7 +70,8 @@ class AgentRegistry:
     """Cards in the bucket plus one owned heartbeat task per locally registered agent."""
 
     def __init__(
-        self, js: JetStreamContext, *, ttl: float, interval: float, replicas: int = 1, beat: Beat
+        self, js: JetStreamContext, *, ttl: float, interval: float, replicas: int = 1, beat: Beat,
+        closed: Callable[[], bool] = lambda: False,
     ) -> None:
         """
         Args:
@@ -79,12 +80,14 @@ class AgentRegistry:
             interval: seconds between heartbeats of the agents registered here.
             replicas: bucket replicas.
             beat: publishes the heartbeat message of an agent (the bus's).
+            closed: whether the connection was closed for good (heartbeat loops then end).
         """
         self._js = js
         self.ttl = ttl
         self.interval = interval
         self._replicas = replicas
         self._beat = beat
+        self._closed = closed
         self._kv: KeyValue | None = None
         self._cards: dict[str, AgentCard] = {}
         self._status: dict[str, dict[str, Any] | None] = {}
@@ -132,6 +135,10 @@ class AgentRegistry:
     async def _heartbeat_loop(self, agent_id: str) -> None:
         while True:
             await asyncio.sleep(self.interval)
+            if self._closed():
+                log.info("heartbeats of agent %s stop: the NATS client was closed", agent_id)
+                self._tasks.pop(agent_id, None)
+                return
             try:
                 await self.heartbeat(agent_id)
             except asyncio.CancelledError:
