@@ -127,7 +127,7 @@ def test_fast_encoder_matches_the_model() -> None:
         id="x1", kind=Kind.TASK, agent_id="a", type="t", data={"k": [1]}, correlation_id="c", reply_to="r",
         metadata={"m": 1},
     )
-    model = Envelope.model_validate_json(raw)
+    model = env_mod.decode(raw, "agents.a.tasks.t")
     assert orjson.loads(raw) == model.to_dict()
     assert model["payload"] == model.payload == model.data == {"k": [1]}
     assert model["agent_id"] == model.agent_id == "a"

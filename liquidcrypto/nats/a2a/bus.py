@@ -18,6 +18,7 @@ message as soon as the server does); durable ones are JetStream consumers
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -47,7 +48,7 @@ from liquidcrypto.nats.a2a.envelope import MSG_ID_HEADER, SYSTEM_AGENT, Envelope
 from liquidcrypto.nats.a2a.lifecycle import TaskRecord, TaskState, TaskStateChange, TaskStateStore
 from liquidcrypto.nats.a2a.registry import AgentCard, AgentInfo, AgentRegistry
 from liquidcrypto.nats.a2a.replies import ReplyInbox, run_handler
-from liquidcrypto.nats.client import ConnectionState, NatsClient, Subscription, call_handler
+from liquidcrypto.nats.client import ConnectionState, NatsClient, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -337,22 +338,33 @@ class A2ABus:
         return sub
 
     def _callback(self, pattern: str, handler: Handler, tasks: bool) -> Callable[[Msg], Any]:
+        """The nats-py callback of a core subscription (the hot path: kept flat on purpose)."""
         client = self.client
         decode = env_mod.decode
+        fast_decode = env_mod.DECODER.decode
+        fast_errors = env_mod.DECODE_ERRORS
         received = metrics.RECEIVED_CORE
+        is_coroutine = inspect.iscoroutinefunction(handler)
 
         async def on_msg(msg: Msg) -> None:
             try:
-                envelope = decode(msg.data, msg.subject, msg.headers)
-            except InvalidPayloadError as exc:
-                metrics.SKIPPED.labels("core").inc()
-                log.warning("skipping message on %s (subscription %s): %s", msg.subject, pattern, exc)
-                return
+                envelope = fast_decode(msg.data)
+            except fast_errors:
+                try:
+                    envelope = decode(msg.data, msg.subject, msg.headers)
+                except InvalidPayloadError as exc:
+                    metrics.SKIPPED.labels("core").inc()
+                    log.warning("skipping message on %s (subscription %s): %s", msg.subject, pattern, exc)
+                    return
             try:
                 if tasks:
                     await run_handler(handler, envelope, client)
+                elif is_coroutine:
+                    await handler(envelope)
                 else:
-                    await call_handler(handler, envelope)
+                    result = handler(envelope)
+                    if inspect.isawaitable(result):
+                        await result
             except Exception:
                 metrics.HANDLER_ERRORS.labels("core").inc()
                 log.exception("handler of %s failed on %s (id %s)", pattern, msg.subject, envelope.id)

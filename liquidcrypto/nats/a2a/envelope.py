@@ -1,6 +1,7 @@
 """The one wire model of the A2A bus: ``Envelope``, used by every publisher and consumer.
 
-Every message on ``agents.>`` and ``system.>`` written by the bus is a JSON object::
+Every message on ``agents.>`` and ``system.>`` written by the bus is a JSON object
+(one ``msgspec.Struct``; ``encode`` below writes the same shape without building it)::
 
     {"id": "task-123", "kind": "task", "agent_id": "trading-agent", "type": "execute",
      "data": {...}, "timestamp": 1732700000000,
@@ -25,10 +26,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import msgspec
 import orjson
 from nats.nuid import NUID
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
 
 from liquidcrypto import codec
 from liquidcrypto.errors import InvalidPayloadError
@@ -62,23 +62,20 @@ class Kind(StrEnum):
     REPLY = "reply"
 
 
-class Envelope(BaseModel):
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One A2A message: a task, an event, a system event, a heartbeat or a reply.
 
-    Read it as a model (``event.agent_id``) or like a dict (``event["agent_id"]``,
-    ``event.get("task_id")``). ``payload`` is another name for ``data``.
+    A frozen ``msgspec.Struct`` (decoding one costs ~0.3 µs, which matters on the core
+    delivery path). Read it as an object (``event.agent_id``) or like a dict
+    (``event["agent_id"]``, ``event.get("task_id")``). ``payload`` is another name for ``data``.
     """
 
-    model_config = ConfigDict(
-        frozen=True, populate_by_name=True, alias_generator=to_camel, extra="ignore"
-    )
-
     id: str
-    kind: Kind = Kind.EVENT
+    kind: Kind
     agent_id: str
     type: str
-    data: Any = Field(default=None, validation_alias=AliasChoices("data", "payload"))
     timestamp: int
+    data: Any = None
     task_id: str | None = None
     correlation_id: str | None = None
     reply_to: str | None = None
@@ -97,7 +94,7 @@ class Envelope(BaseModel):
     def __getitem__(self, key: str) -> Any:
         if key == "payload":
             return self.data
-        if key in type(self).model_fields:
+        if key in self.__struct_fields__:
             return getattr(self, key)
         raise KeyError(key)
 
@@ -110,7 +107,18 @@ class Envelope(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form as a dict (``None`` fields left out)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        out = msgspec.to_builtins(self)
+        assert isinstance(out, dict)
+        return out
+
+
+DECODER = msgspec.json.Decoder(Envelope)
+DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError)
+# Accepted spellings of other producers (the TypeScript spec uses camelCase and ``payload``).
+_ALIASES = {
+    "agentId": "agent_id", "taskId": "task_id", "correlationId": "correlation_id", "replyTo": "reply_to",
+    "payload": "data",
+}
 
 
 def new_id() -> str:
@@ -190,9 +198,8 @@ def decode(raw: bytes, subject: str, headers: Mapping[str, str] | None = None) -
         InvalidPayloadError: not JSON, not an object, or a field of the wrong type.
     """
     try:
-        # Fast path: a complete envelope written by the bus.
-        return Envelope.model_validate_json(raw)
-    except ValidationError:
+        return DECODER.decode(raw)  # fast path: a complete envelope written by the bus
+    except DECODE_ERRORS:
         pass
     try:
         obj = orjson.loads(raw)
@@ -200,25 +207,21 @@ def decode(raw: bytes, subject: str, headers: Mapping[str, str] | None = None) -
         raise InvalidPayloadError(f"payload is not valid JSON ({exc}): {bytes(raw[:80])!r}") from exc
     if not isinstance(obj, dict):
         raise InvalidPayloadError(f"envelope must be a JSON object, not {type(obj).__name__}")
-    if "id" not in obj or "agent_id" not in obj or "type" not in obj or "timestamp" not in obj:
-        _fill_missing(obj, subject, headers)
+    for alias, name in _ALIASES.items():
+        if alias in obj and name not in obj:
+            obj[name] = obj.pop(alias)
+    _fill_missing(obj, subject, headers)
     try:
-        return Envelope.model_validate(obj)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidPayloadError(f"wrong-shaped envelope: {where}: {first['msg']}") from exc
+        return msgspec.convert(obj, Envelope)
+    except msgspec.ValidationError as exc:
+        raise InvalidPayloadError(f"wrong-shaped envelope: {exc}") from exc
 
 
 def _fill_missing(obj: dict[str, Any], subject: str, headers: Mapping[str, str] | None) -> None:
     kind, agent, type_ = _defaults_from_subject(subject)
     if "id" not in obj:
         obj["id"] = (headers or {}).get(MSG_ID_HEADER) or new_id()
-    if "agent_id" not in obj and "agentId" not in obj:
-        obj["agent_id"] = agent
-    if "type" not in obj:
-        obj["type"] = type_
-    if "kind" not in obj:
-        obj["kind"] = kind.value
-    if "timestamp" not in obj:
-        obj["timestamp"] = now_ms()
+    obj.setdefault("agent_id", agent)
+    obj.setdefault("type", type_)
+    obj.setdefault("kind", kind.value)
+    obj.setdefault("timestamp", now_ms())
