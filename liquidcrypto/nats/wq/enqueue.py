@@ -6,11 +6,40 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import nats.errors
+from nats.js.api import PubAck
+from nats.js.errors import NoStreamResponseError
+
+from liquidcrypto.errors import NatsUnavailableError
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.wq import infra, metrics
 from liquidcrypto.nats.wq.models import EnqueueReceipt, OrchestratorTask, coerce_task
 
 log = logging.getLogger(__name__)
+
+_NEW = metrics.TASKS_ENQUEUED.labels(duplicate="false")
+_DUPLICATE = metrics.TASKS_ENQUEUED.labels(duplicate="true")
+
+
+async def store(
+    client: NatsClient, subject: str, payload: bytes, msg_id: str, headers: dict[str, str] | None = None,
+    *, timeout: float = 5.0,
+) -> PubAck:
+    """``NatsClient.js_publish`` for bytes on a subject built from validated tokens (the hot
+    paths: tasks and results), without validating and encoding a second time.
+
+    Raises:
+        NatsUnavailableError: it was not stored (no connection, no stream, timeout).
+    """
+    hdrs = {**headers, "Nats-Msg-Id": msg_id} if headers else {"Nats-Msg-Id": msg_id}
+    try:
+        return await client.js.publish(subject, payload, timeout=timeout, headers=hdrs)
+    except NoStreamResponseError as exc:
+        raise NatsUnavailableError(f"no JetStream stream stored {subject!r}") from exc
+    except (nats.errors.TimeoutError, TimeoutError) as exc:
+        raise NatsUnavailableError(f"JetStream did not acknowledge {subject!r} within {timeout:g} s") from exc
+    except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+        raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
 
 
 async def enqueue(
@@ -37,10 +66,8 @@ async def enqueue(
     model = coerce_task(task)
     tid = task_id or model.dedupe_id
     headers = {infra.HDR_SPECIALIST: model.specialist} if model.specialist else None
-    ack = await client.js_publish(
-        model.subject, model.to_wire(), msg_id=tid, headers=headers, timeout=timeout
-    )
-    metrics.TASKS_ENQUEUED.labels(duplicate=str(bool(ack.duplicate)).lower()).inc()
+    ack = await store(client, model.subject, model.encode(), tid, headers, timeout=timeout)
+    (_DUPLICATE if ack.duplicate else _NEW).inc()
     if ack.duplicate:
         log.info("task %s already enqueued (seq %s); stored once", tid, ack.seq)
     return EnqueueReceipt(seq=ack.seq, duplicate=bool(ack.duplicate), stream=ack.stream, task_id=tid)

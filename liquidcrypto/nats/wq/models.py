@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticSerializationError
 
 from liquidcrypto import codec
 from liquidcrypto.errors import InvalidPayloadError, InvalidSubjectError, InvalidTaskError
@@ -41,7 +42,11 @@ class _Wire(BaseModel):
         return self.model_dump(by_alias=True, mode="json")
 
     def encode(self) -> bytes:
-        return codec.encode(self.to_wire())
+        """The camelCase JSON sent on the wire."""
+        try:
+            return self.__pydantic_serializer__.to_json(self, by_alias=True)
+        except PydanticSerializationError as exc:
+            raise InvalidPayloadError(f"cannot encode {type(self).__name__} as JSON: {exc}") from exc
 
 
 class OrchestratorTask(_Wire):

@@ -81,8 +81,15 @@ class Puller:
     async def request(self, batch: int) -> None:
         """Ask for up to ``batch`` messages, delivered within ``expires`` seconds."""
         body = orjson.dumps({"batch": batch, "expires": int(self.expires * 1e9)})
-        await self.client.nc.publish(self._next_subject, body, reply=self._inbox)
-        self._requests.append([float(batch), time.monotonic() + self.expires + GRACE])
+        # Counted before the await, so concurrent callers never ask twice for one slot.
+        entry = [float(batch), time.monotonic() + self.expires + GRACE]
+        self._requests.append(entry)
+        try:
+            await self.client.nc.publish(self._next_subject, body, reply=self._inbox)
+        except BaseException:
+            if entry in self._requests:
+                self._requests.remove(entry)
+            raise
 
     def expire_stale(self) -> None:
         now = time.monotonic()

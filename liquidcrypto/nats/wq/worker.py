@@ -25,6 +25,7 @@ from liquidcrypto import codec
 from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError, LiquidNatsError, NatsUnavailableError
 from liquidcrypto.nats.client import ConnectionState, NatsClient, call_handler
 from liquidcrypto.nats.wq import dead_letters, infra, metrics
+from liquidcrypto.nats.wq.enqueue import store
 from liquidcrypto.nats.wq.models import DeadLetter, OrchestratorTask, TaskResult, coerce_result, decode_task
 from liquidcrypto.nats.wq.puller import PULL_EXPIRES, Puller
 
@@ -76,11 +77,16 @@ class Worker:
         self._puller: Puller | None = None
         self._kv: KeyValue | None = None
         self._heartbeat_every = ack_wait / 2
-        self._running: dict[asyncio.Task[None], tuple[Msg, float]] = {}
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._busy: dict[int, tuple[Msg, float]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._wake = asyncio.Event()
         self._stopping = False
         self._rebind = False
         self._loop: asyncio.Task[None] | None = None
+        self._slots: list[asyncio.Task[None]] = []
+        self._handbacks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self.processed = 0
 
@@ -96,6 +102,7 @@ class Worker:
         await self._bind()
         self.client.on_connect(self._on_reconnect)
         self._wake.set()
+        self._slots = [asyncio.create_task(self._slot(i), name=f"wq-slot-{i}") for i in range(self.concurrency)]
         self._loop = asyncio.create_task(self._pull_loop(), name="wq-pull")
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="wq-heartbeat")
         log.info(
@@ -121,24 +128,24 @@ class Worker:
         if self._loop is not None:
             await asyncio.gather(self._loop, return_exceptions=True)
         wait = self.stop_timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
-        running = list(self._running)
-        if running:
-            _done, pending = await asyncio.wait(running, timeout=wait)
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning("worker stop: %d task(s) unfinished; handed back for redelivery", len(pending))
-                await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._idle.wait()
+        if self._busy:
+            log.warning("worker stop: %d task(s) unfinished; handed back for redelivery", len(self._busy))
+        for slot in self._slots:  # a running handler is cancelled and its task nak-ed
+            slot.cancel()
+        await asyncio.gather(*self._slots, return_exceptions=True)
+        while not self._queue.empty():
+            self._hand_back(self._queue.get_nowait())
         # Open pull requests expire within PULL_EXPIRES; keep the inbox until then and hand
         # back what they still deliver (e.g. a task nak-ed above), rather than leave it in
         # a dead inbox until ack_wait runs out.
-        deadline = max(deadline, time.monotonic() + PULL_EXPIRES + 0.5)
+        deadline = time.monotonic() + PULL_EXPIRES + 0.5
         while self._puller is not None and self._puller.outstanding and time.monotonic() < deadline:
             self._puller.expire_stale()
             await asyncio.sleep(0.05)
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        await asyncio.gather(*self._handbacks, return_exceptions=True)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -168,16 +175,29 @@ class Worker:
         else:
             # nats-py restores the inbox subscription on reconnect; the server may have
             # lost our pull requests, so ask again. Requests that survived a mere blip
-            # still deliver here (briefly more than `concurrency` may run), never to a
-            # dead inbox where they would wait out ack_wait.
+            # still deliver here (they wait in the queue for a slot), never to a dead
+            # inbox where they would wait out ack_wait.
             self._puller.reset()
             self._puller.consumer_gone = False
         self._rebind = False
 
     # -- the loops -------------------------------------------------------------
 
+    def _free(self) -> int:
+        """Slots neither running, nor promised to a queued or requested message."""
+        outstanding = self._puller.outstanding if self._puller is not None else 0
+        return self.concurrency - len(self._busy) - self._queue.qsize() - outstanding
+
+    async def _top_up(self) -> None:
+        """Request exactly the free slots (the accounting is updated before any await)."""
+        if self._puller is not None and not self._stopping and not self._rebind:
+            self._puller.expire_stale()
+            free = self._free()
+            if free > 0:
+                await self._puller.request(free)
+
     async def _pull_loop(self) -> None:
-        """Keep exactly the free slots requested: running + requested <= concurrency."""
+        """(Re)bind and top up after expired requests; slots top up after each task."""
         failures = 0
         while not self._stopping:
             puller = self._puller
@@ -192,11 +212,7 @@ class Worker:
                 if self._rebind or self._puller is None or self._puller.consumer_gone:
                     await self._bind()
                     metrics.CONSUMER_REBINDS.inc()
-                assert self._puller is not None
-                self._puller.expire_stale()
-                free = self.concurrency - len(self._running) - self._puller.outstanding
-                if free > 0:
-                    await self._puller.request(free)
+                await self._top_up()
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -212,28 +228,50 @@ class Worker:
                 self._wake.set()
 
     def _arrived(self, msg: Msg) -> None:
-        """A task message for one of our pull requests: run it in a free slot."""
+        """A task message for one of our pull requests: queue it for a slot."""
         if self._stopping:
-            task = asyncio.create_task(_hand_back(msg), name="wq-hand-back")
+            self._hand_back(msg)
         else:
-            task = asyncio.create_task(self._run_one(msg), name="wq-task")
-            metrics.IN_FLIGHT.inc()
-        self._running[task] = (msg, time.monotonic())
-        task.add_done_callback(self._task_done)
+            self._queue.put_nowait(msg)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if self._running.pop(task, None) is not None and task.get_name() == "wq-task":
-            metrics.IN_FLIGHT.dec()
-        self._wake.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("worker task crashed", exc_info=task.exception())
+    def _hand_back(self, msg: Msg) -> None:
+        task = asyncio.create_task(_hand_back(msg), name="wq-hand-back")
+        self._handbacks.add(task)
+        task.add_done_callback(self._handbacks.discard)
+
+    async def _slot(self, index: int) -> None:
+        """One handler slot: take a queued task, run it, ask for the next."""
+        while True:
+            msg = await self._queue.get()
+            if self._stopping:
+                self._hand_back(msg)
+                continue
+            self._busy[index] = (msg, time.monotonic())
+            self._idle.clear()
+            metrics.IN_FLIGHT.inc()
+            try:
+                await self._run_one(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker slot %d: task processing crashed", index)
+            finally:
+                del self._busy[index]
+                metrics.IN_FLIGHT.dec()
+                if not self._busy:
+                    self._idle.set()
+            try:
+                await self._top_up()
+            except Exception as exc:  # noqa: BLE001 - the pull loop retries and rebinds
+                log.debug("top-up after a task failed: %s", exc)
+                self._wake.set()
 
     async def _heartbeat_loop(self) -> None:
         """Every ``ack_wait/2``: ``in_progress`` for every running task, so the server's
         ack timer of a task is never older than half its ``ack_wait``."""
         while True:
             await asyncio.sleep(self._heartbeat_every)
-            for msg, _started in list(self._running.values()):
+            for msg, _started in list(self._busy.values()):
                 try:
                     await msg.in_progress()
                 except Exception as exc:  # noqa: BLE001 - the next beat retries
@@ -361,9 +399,9 @@ class Worker:
     async def _publish_result(self, result: TaskResult, task_id: str) -> bool:
         for attempt in range(3):
             try:
-                await self.client.js_publish(
-                    result.subject, result.to_wire(),
-                    msg_id=infra.result_msg_id(task_id), headers={infra.HDR_TASK_ID: task_id},
+                await store(
+                    self.client, result.subject, result.encode(), infra.result_msg_id(task_id),
+                    {infra.HDR_TASK_ID: task_id},
                 )
                 return True
             except NatsUnavailableError as exc:
