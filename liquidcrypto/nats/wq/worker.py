@@ -1,12 +1,13 @@
-"""The orchestrator worker: one fetch loop, bounded handler slots, exactly-once in effect.
+"""The orchestrator worker: one pull loop, ``concurrency`` handler slots, exactly-once in effect.
 
 Per task: run the handler, publish its result with ``Nats-Msg-Id = result.{task_id}``,
-then double-ack (``ack_sync``). The loop fetches only as many messages as it has free
-slots, so a busy worker never holds tasks another worker could run; a heartbeat sends
-``in_progress()`` for every running task every ``ack_wait/2``. A failed run is counted
-in the attempts bucket and ``nak``-ed with a back-off delay; after ``max_deliver``
-failures the task gets a failure result and a dead letter, then is acknowledged.
-"""
+then double-ack (``ack_sync``). Pull requests ask for exactly the free slots (running +
+queued + requested <= concurrency), so a busy worker never holds tasks another worker
+could run; each slot asks for the next task as soon as it finishes, and the slots' result
+publishes and double acks overlap. A heartbeat sends ``in_progress()`` for every running
+task every ``ack_wait/2``. A failed run is counted in the attempts bucket and ``nak``-ed
+with a back-off delay; after ``max_deliver`` failures the task gets a failure result and
+a dead letter, then is acknowledged."""
 
 from __future__ import annotations
 
