@@ -421,3 +421,21 @@ def test_public_names_are_exported() -> None:
                  "enqueue_orchestrator_task", "start_orchestrator_worker", "collect_results",
                  "subscribe_to_results", "list_dead_letters", "requeue_dead_letter"):
         assert name in pkg.__all__ and callable(getattr(pkg, name)), name
+
+
+async def test_worker_started_while_nats_is_down_runs_once_it_is_up(tmp_path: Any) -> None:
+    server = NatsServer(tmp_path / "late")
+    client = NatsClient(server.url, settings=Settings())
+    await client.connect()  # degraded: the server is not started yet
+    try:
+        async with WorkQueue(client) as wq:
+            stop = await wq.start_orchestrator_worker(lambda t: {"success": True, "result": "late"})
+            await asyncio.to_thread(server.start)
+            await client.wait_connected(20)
+            await wq.enqueue_orchestrator_task(task("s", "a"))
+            [result] = await wq.collect_results("s", 1, 20.0)
+            await stop()
+        assert result.result == "late"
+    finally:
+        await client.close()
+        server.stop()

@@ -128,13 +128,15 @@ class WorkQueue:
             backoff: ``nak`` delays after the 1st, 2nd... failure (the last repeats).
             stop_timeout: how long ``stop()`` waits for running handlers by default.
 
+        While NATS is down (degraded mode) the worker starts anyway and begins pulling
+        when the client connects.
+
         Returns:
             ``stop``: an async callable; stops fetching, waits for running handlers up to
             ``stop_timeout`` and hands unfinished tasks back for redelivery.
 
         Raises:
             ValueError: an invalid option.
-            NatsUnavailableError: NATS is not available.
             ConsumerConflictError: another consumer overlaps ``orchestrator.tasks.>``.
         """
         worker = Worker(

@@ -96,11 +96,18 @@ class Worker:
     async def start(self) -> StopFn:
         """Provision and bind, then run; returns ``stop``.
 
+        With the client in degraded mode (NATS down) the worker starts anyway and binds
+        when the client connects.
+
         Raises:
-            NatsUnavailableError: NATS is not available now.
             ConsumerConflictError: another consumer overlaps ``orchestrator.tasks.>``.
         """
-        await self._bind()
+        try:
+            await self._bind()
+        except NatsUnavailableError as exc:
+            # Degraded mode: the pull loop binds as soon as the client connects.
+            log.warning("orchestrator worker waiting for NATS (%s)", exc)
+            self._rebind = True
         self.client.on_connect(self._on_reconnect)
         self._wake.set()
         self._slots = [asyncio.create_task(self._slot(i), name=f"wq-slot-{i}") for i in range(self.concurrency)]
@@ -224,7 +231,9 @@ class Worker:
                 failures += 1
                 self._rebind = True
                 delay = min(2.0, 0.1 * 2**failures)
-                log.warning("worker pull failed (%s); binding again in %.1fs", exc, delay)
+                (log.warning if failures == 1 else log.debug)(
+                    "worker pull failed (%s); binding again in %.1fs", exc, delay
+                )
                 await asyncio.sleep(delay)
                 self._wake.set()
 
