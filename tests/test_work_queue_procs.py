@@ -105,6 +105,7 @@ async def test_sigkill_of_a_worker_process_mid_task_completes_every_task_once_in
     runs = Counter(a.runs() + b.runs())
     assert len(runs) == 300
     twice = {t for t, n in runs.items() if n > 1}
+    print(f"killed process ran {len(a.runs())} task(s); {len(twice)} ran again elsewhere")
     # Only what `a` held when it died can run again: it never held more than its 4 slots.
     assert twice <= set(a.runs()) and len(twice) <= 4
     assert max(runs.values()) <= 2
