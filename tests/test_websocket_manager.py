@@ -239,3 +239,25 @@ async def test_feeds_asked_for_while_nats_is_down_open_when_it_comes_back(tmp_pa
         await m.close()
         await client.close()
         srv.stop()
+
+
+async def test_feed_resumes_without_gap_after_a_nats_restart(
+    make_manager: MakeManager, nats_server: NatsServer
+) -> None:
+    m = await make_manager()
+    got: list[TradeEvent] = []
+    unsub = await m.subscribe_to_trade_events("RST", got.append, with_meta=True)
+    for i in range(10):
+        await m.publish_trade_event("RST", {"i": i})
+    await m.flush()
+    await eventually(lambda: len(got) == 10, what="first ten")
+    nats_server.restart()
+    client = m._client
+    assert client is not None
+    await eventually(lambda: client.is_connected, timeout=20, what="reconnected")
+    for i in range(10, 20):
+        await m.publish_trade_event("RST", {"i": i})
+    await m.flush()
+    await eventually(lambda: len(got) == 20, timeout=30, what="trades after the restart")
+    assert [e.data["i"] for e in got] == list(range(20))
+    await unsub()

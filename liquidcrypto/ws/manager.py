@@ -306,7 +306,10 @@ class NatsWebSocketManager:
                 del self._feeds[symbol]
 
     async def _reopen_feeds(self, client: NatsClient) -> None:
-        """After a reconnection: open the feeds that could not be opened while degraded."""
+        """After a (re)connection: resume open feeds where they stopped, open the others."""
+        resume = getattr(self._backend, "resume_feeds", None)
+        if resume is not None:
+            await resume()
         for feed in list(self._feeds.values()):
             async with feed.lock:
                 if not feed.open and not feed.empty:

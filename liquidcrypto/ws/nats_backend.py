@@ -6,7 +6,8 @@
   ``Nats-Msg-Id`` (the stream drops a duplicate), then counted and logged as failed.
 - **Feeds** (hop 2): per symbol, an ordered push consumer delivering new messages with
   their stream sequence, with explicit pending limits. nats-py recreates it from the
-  last delivered sequence after a gap or a silent server, so the feed has no holes.
+  last delivered sequence after a gap or a silent server, and ``resume_feeds`` does so
+  at once after every reconnection, so the feed has no holes.
 - **History**: an ephemeral ordered consumer reads ``trades.{symbol}`` from a start
   sequence up to the last stored message; ``last: N`` finds its start sequence by a
   binary search over consumer ``num_pending`` counts.
@@ -81,6 +82,7 @@ class NatsBackend:
         self._drained.set()
         self._acker: asyncio.Task[None] | None = None
         self._feeds: dict[str, Any] = {}
+        self._feed_last: dict[str, int] = {}  # last stream sequence each feed delivered
         self._broadcast_sub: Subscription | None = None
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid()}-{id(self):x}-"
@@ -200,9 +202,7 @@ class NatsBackend:
                 ack = await self.client.js.publish(
                     item.subject, item.payload, timeout=self.ack_timeout, headers={"Nats-Msg-Id": item.msg_id}
                 )
-                log.info(
-                    "trade on %s stored at seq %s after retry %d (%s)", item.subject, ack.seq, attempt, first
-                )
+                log.info("trade on %s stored at seq %s after retry %d (%s)", item.subject, ack.seq, attempt, first)
                 self.acked += 1
                 metrics.PUBLISHED.labels("nats").inc()
                 return
@@ -253,14 +253,26 @@ class NatsBackend:
         """
         if symbol in self._feeds:
             return
+        try:
+            state = (await self.client.js._jsm.stream_info(TRADE_EVENTS)).state
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
+        # Start right after what is stored now (like "new", but from a known sequence).
+        await self._subscribe_feed(symbol, int(state.last_seq or 0) + 1)
+        metrics.FEEDS.inc()
+
+    async def _subscribe_feed(self, symbol: str, start: int) -> None:
         on_trade = self._on_trade
         assert on_trade is not None, "start() first"
-
+        self._feed_last[symbol] = start - 1
+        last = self._feed_last
         count = 0
 
         async def callback(msg: Msg) -> None:
             nonlocal count
-            on_trade(symbol, msg.metadata.sequence.stream, msg.data)
+            seq = msg.metadata.sequence.stream
+            last[symbol] = seq
+            on_trade(symbol, seq, msg.data)
             count += 1
             if count % _DISPATCH_YIELD_EVERY == 0:
                 # Let client writers and handlers drain their queues during a burst.
@@ -272,19 +284,35 @@ class NatsBackend:
                 cb=callback,
                 stream=TRADE_EVENTS,
                 ordered_consumer=True,
-                deliver_policy=DeliverPolicy.NEW,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
                 pending_msgs_limit=FEED_PENDING_MSGS,
                 pending_bytes_limit=FEED_PENDING_BYTES,
             )
         except (nats.errors.Error, TimeoutError) as exc:
             raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
         self._feeds[symbol] = sub
-        metrics.FEEDS.inc()
         await self._flush_subscriptions()
-        log.debug("feed open: %s", symbol)
+        log.debug("feed of %s open from seq %d", symbol, start)
+
+    async def resume_feeds(self) -> None:
+        """After a reconnection: recreate every feed right after the last trade it delivered.
+
+        nats-py's ordered consumer would notice a lost consumer only after two missed
+        heartbeats; this makes recovery immediate and gap-free.
+        """
+        for symbol, sub in list(self._feeds.items()):
+            try:
+                await sub.unsubscribe()
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("dropping the old feed of %s: %r", symbol, exc)
+            try:
+                await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
+            except NatsUnavailableError as exc:
+                log.warning("resuming the feed of %s failed: %s", symbol, exc)
 
     async def close_feed(self, symbol: str) -> None:
         sub = self._feeds.pop(symbol, None)
+        self._feed_last.pop(symbol, None)
         if sub is None:
             return
         metrics.FEEDS.dec()
@@ -389,9 +417,7 @@ class NatsBackend:
                     await asyncio.wait_for(progress.wait(), HISTORY_IDLE_TIMEOUT)
                 except TimeoutError:
                     # Expired meanwhile, or NATS is gone: send what we have, say it is partial.
-                    log.warning(
-                        "history of %s stalled at %d messages (up to seq %d)", subject, len(items), end
-                    )
+                    log.warning("history of %s stalled at %d messages (up to seq %d)", subject, len(items), end)
                     break
         finally:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
