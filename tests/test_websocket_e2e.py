@@ -337,3 +337,46 @@ def test_dashboard_page_is_served(two_apps: list[AppInstance]) -> None:
     r = httpx.get(two_apps[0].http + "/", timeout=5)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "new WebSocket(" in r.text and '"subscribe"' in r.text and "since_seq" in r.text
+
+
+async def test_metrics_show_every_hop(module_nats: NatsServer, two_apps: list[AppInstance]) -> None:
+    app = two_apps[1]
+    c = await WsClient.connect(app.ws)
+    await c.subscribe(["XM1"])
+    client, manager = await publisher(module_nats.url)
+    try:
+        for i in range(5):
+            await manager.publish_trade_event("XM1", {"i": i})
+        await manager.flush()
+        await c.trades(5)
+    finally:
+        await manager.close()
+        await client.close()
+
+    def sample(text: str, name: str) -> float:
+        lines = [ln for ln in text.splitlines() if ln.startswith(name + " ") or ln.startswith(name + "{")]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+    text = httpx.get(app.http + "/metrics", timeout=5).text
+    assert sample(text, "liquidcrypto_ws_clients") >= 1
+    assert sample(text, "liquidcrypto_ws_feeds") >= 1
+    assert sample(text, "liquidcrypto_ws_feed_messages_total") >= 5
+    assert sample(text, "liquidcrypto_ws_client_frames_sent_total") >= 5
+    for name in (
+        "liquidcrypto_ws_client_dropped_total",
+        "liquidcrypto_ws_client_conflated_total",
+        "liquidcrypto_ws_nats_slow_consumer_events",
+        "liquidcrypto_ws_publish_window_full_total",
+    ):
+        assert name in text
+    await c.close()
+
+
+def test_public_names() -> None:
+    import liquidcrypto.websocket_nats as module
+
+    assert module.__all__ == sorted(module.__all__)
+    for name in ("NatsWebSocketManager", "TradeEvent", "websocket_endpoint"):
+        assert name in module.__all__ and hasattr(module, name)
+    for method in ("init", "publish_trade_event", "subscribe_to_trade_events", "broadcast", "flush", "close"):
+        assert callable(getattr(module.NatsWebSocketManager, method))
