@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from liquidcrypto.ws import protocol
-from liquidcrypto.ws.session import ClientSession, QueuePolicy, _SymbolState
+from liquidcrypto.ws.session import ClientSession, QueuePolicy, SymbolState
 
 
 class Socket:
@@ -32,7 +32,7 @@ def session_with(policy: QueuePolicy, *symbols: str, conflate: bool = True) -> t
     sock = Socket()
     s = ClientSession(sock.send, policy)
     for sym in symbols:
-        s.symbols[sym] = _SymbolState(conflate=conflate)
+        s.symbols[sym] = SymbolState(conflate=conflate)
     return s, sock
 
 

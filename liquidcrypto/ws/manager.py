@@ -25,7 +25,7 @@ from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient, call_handler, get_client
 from liquidcrypto.ws import metrics, protocol
 from liquidcrypto.ws.backend import Backend
-from liquidcrypto.ws.session import ClientSession, QueuePolicy, _SymbolState
+from liquidcrypto.ws.session import ClientSession, QueuePolicy, SymbolState
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ class NatsWebSocketManager:
         for symbol in request.symbols:
             state = session.symbols.get(symbol)
             if state is None:
-                state = session.symbols[symbol] = _SymbolState()
+                state = session.symbols[symbol] = SymbolState()
             state.conflate = request.conflate
             if replay:
                 session.begin_replay(symbol)

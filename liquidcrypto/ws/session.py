@@ -45,7 +45,10 @@ class _Entry:
 
 
 @dataclass(eq=False)
-class _SymbolState:
+class SymbolState:
+    """What a session knows of one subscribed symbol: conflation allowed, last sequence
+    queued, and the live trades held while its history is replayed."""
+
     conflate: bool = True
     last_seq: int = 0
     replaying: bool = False
@@ -85,7 +88,7 @@ class ClientSession:
         self.id = next(_ids)
         self.name = name or f"ws-{self.id}"
         self.policy = policy
-        self.symbols: dict[str, _SymbolState] = {}
+        self.symbols: dict[str, SymbolState] = {}
         self._send = send
         self._queue: deque[_Entry] = deque()
         self._latest: dict[str, _Entry] = {}
@@ -128,7 +131,7 @@ class ClientSession:
             return
         self._offer_trade(symbol, state, seq, frame)
 
-    def _offer_trade(self, symbol: str, state: _SymbolState, seq: int, frame: str) -> None:
+    def _offer_trade(self, symbol: str, state: SymbolState, seq: int, frame: str) -> None:
         if seq <= state.last_seq:
             self.duplicates += 1
             metrics.DUPLICATES.inc()
