@@ -439,3 +439,20 @@ async def test_worker_started_while_nats_is_down_runs_once_it_is_up(tmp_path: An
     finally:
         await client.close()
         server.stop()
+
+
+async def test_subscribe_to_results_retries_a_result_whose_handler_failed(wq: WorkQueue) -> None:
+    calls: Counter[str] = Counter()
+
+    def flaky(result: TaskResult) -> None:
+        calls[result.sub_prd_id] += 1
+        if calls[result.sub_prd_id] == 1:
+            raise RuntimeError("database busy")
+
+    sub = await wq.subscribe_to_results("s", flaky)
+    stop = await wq.start_orchestrator_worker(lambda t: {"success": True})
+    await wq.enqueue_orchestrator_task(task("s", "a"))
+    await eventually(lambda: sub.delivered == 1, what="result delivered after a retry")
+    await stop()
+    await sub.unsubscribe()
+    assert calls == {"a": 2}

@@ -220,10 +220,14 @@ async def collect_results(
             await reader.wait(remaining)
         complete = len(got) >= count
         if complete and msgs:
-            # Returned to the caller: now they may leave the work-queue stream.
-            for msg in msgs:
-                await msg.ack()
-            await client.nc.flush()
+            # Returned to the caller: now they may leave the work-queue stream. If the
+            # acks are lost the results stay and a later collection sees them again.
+            try:
+                for msg in msgs:
+                    await msg.ack()
+                await client.nc.flush()
+            except Exception as exc:  # noqa: BLE001 - the caller still gets its results
+                log.warning("collect_results(%s): acknowledging results failed (%s)", session_id, exc)
     finally:
         await reader.close()
     metrics.RESULTS_COLLECTED.inc(len(got))
