@@ -155,27 +155,28 @@ async def bench_core(url: str, n: int, rounds: int) -> tuple[Row, ...]:
     await raw_s.unsubscribe()
     await bus_s.unsubscribe()
 
-    async def throughput(send: Callable[[int], Awaitable[Any]], total: int) -> float:
+    async def throughput(send: Callable[[int], Awaitable[Any]], total: int, name: str) -> float:
         counter[0] = 0
         start = time.perf_counter()
         for i in range(total):
             await send(i)
             if i % 256 == 0:
                 await asyncio.sleep(0)  # let the subscriber in this process run
-        while counter[0] < total:
+        deadline = time.perf_counter() + 10
+        while counter[0] < total and time.perf_counter() < deadline:
             await asyncio.sleep(0.001)
-            if time.perf_counter() - start > 60:
-                raise RuntimeError(f"only {counter[0]} of {total} delivered")
-        return total / (time.perf_counter() - start)
+        if counter[0] < total:
+            LOST[f"{name} throughput"] = total - counter[0]
+        return counter[0] / (time.perf_counter() - start)
 
     total = max(20_000, n * 10) if rounds > 4 else 2_000
     raw_s = await raw_sub.subscribe(RAW_SUBJECT, cb=raw_cb, pending_msgs_limit=total * 2)
     await raw_sub.flush()
-    raw_tp = await throughput(raw_send, total)
+    raw_tp = await throughput(raw_send, total, "raw")
     await raw_s.unsubscribe()
     bus_s = await bus_sub.subscribe_to_events("bench.events.tick", bus_handler)
     await sub_client.flush()
-    bus_tp = await throughput(bus_send, total)
+    bus_tp = await throughput(bus_send, total, "bus")
     await bus_s.unsubscribe()
 
     for c in (raw_pub, raw_sub):

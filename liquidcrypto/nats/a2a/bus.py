@@ -21,6 +21,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
+from functools import lru_cache
 from typing import Any
 
 import nats.errors
@@ -54,7 +55,26 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Any]
 TASK_STATE_CHANGED = "task_state_changed"
-_PUBLISHED = {kind: metrics.PUBLISHED.labels(kind.value) for kind in Kind}
+_PUBLISHED = metrics.PUBLISHED_COUNTS
+for _kind in Kind:
+    _PUBLISHED.setdefault(_kind.value, 0)
+
+
+def _cached(builder: Callable[[str, str], str]) -> Callable[[Any, Any], str]:
+    """``builder`` with its valid results cached (invalid input is re-checked and raises)."""
+    cached = lru_cache(maxsize=4096)(builder)
+
+    def build(a: Any, b: Any) -> str:
+        try:
+            return cached(a, b)
+        except TypeError:  # unhashable input: let the builder name it
+            return builder(a, b)
+
+    return build
+
+
+_task_subject = _cached(subjects.agent_task)
+_event_subject = _cached(subjects.agent_event)
 _TASK_KEYS = frozenset({"id", "payload", "data", "correlation_id", "correlationId"})
 
 
@@ -156,7 +176,7 @@ class A2ABus:
             InvalidPayloadError: the task is not JSON-able.
             NatsUnavailableError: it could not be stored.
         """
-        subject = subjects.agent_task(agent_id, task_type)
+        subject = _task_subject(agent_id, task_type)
         given_id, data, correlation, metadata = _task_fields(task)
         payload = env_mod.encode(
             id=given_id or env_mod.new_id(), kind=Kind.TASK, agent_id=agent_id, type=task_type, data=data,
@@ -173,7 +193,7 @@ class A2ABus:
         ``task_id``/``correlation_id`` link it to the task it is about. ``id`` (default: a
         fresh one) is the de-duplication id. Returns and raises as ``publish_task``.
         """
-        subject = subjects.agent_event(agent_id, event_type)
+        subject = _event_subject(agent_id, event_type)
         payload = env_mod.encode(
             id=id or env_mod.new_id(), kind=Kind.EVENT, agent_id=agent_id, type=event_type, data=data, task_id=task_id,
             correlation_id=correlation_id,
@@ -205,7 +225,7 @@ class A2ABus:
         Raises:
             NatsUnavailableError: no slot freed up within ``stall`` seconds.
         """
-        subject = subjects.agent_task(agent_id, task_type)
+        subject = _task_subject(agent_id, task_type)
         given_id, data, correlation, metadata = _task_fields(task)
         payload = env_mod.encode(
             id=given_id or env_mod.new_id(), kind=Kind.TASK, agent_id=agent_id, type=task_type, data=data,
@@ -224,7 +244,7 @@ class A2ABus:
             metrics.PUBLISH_FAILURES.inc()
             raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
         fut.add_done_callback(_log_async_failure)
-        _PUBLISHED[Kind.TASK].inc()
+        _PUBLISHED["task"] += 1
         return fut
 
     async def wait_acks(self, timeout: float = 10.0) -> None:
@@ -254,7 +274,7 @@ class A2ABus:
         headers = {MSG_ID_HEADER: msg_id} if msg_id else None
         if not ack:
             await self.client.publish_raw(subject, payload, headers)
-            _PUBLISHED[kind].inc()
+            _PUBLISHED[kind] += 1
             return None
         try:
             pub_ack = await self.client.js.publish(subject, payload, timeout=timeout, headers=headers)
@@ -272,7 +292,7 @@ class A2ABus:
         if pub_ack.duplicate:
             log.info("%s: id %s was already stored (seq %s); not stored twice", subject, msg_id, pub_ack.seq)
         else:
-            _PUBLISHED[kind].inc()
+            _PUBLISHED[kind] += 1
         return int(pub_ack.seq)
 
     # -- subscribing -----------------------------------------------------------
@@ -343,7 +363,7 @@ class A2ABus:
         decode = env_mod.decode
         fast_decode = env_mod.DECODER.decode
         fast_errors = env_mod.DECODE_ERRORS
-        received = metrics.RECEIVED_CORE
+        received = metrics.RECEIVED_COUNTS
         is_coroutine = inspect.iscoroutinefunction(handler)
 
         async def on_msg(msg: Msg) -> None:
@@ -369,7 +389,7 @@ class A2ABus:
                 metrics.HANDLER_ERRORS.labels("core").inc()
                 log.exception("handler of %s failed on %s (id %s)", pattern, msg.subject, envelope.id)
                 return
-            received.inc()
+            received["core"] += 1
 
         return on_msg
 
@@ -415,7 +435,7 @@ class A2ABus:
             RequestTimeoutError: (a ``TimeoutError``) no reply within ``timeout`` seconds.
             InvalidSubjectError / InvalidTaskError / NatsUnavailableError: as ``publish_task``.
         """
-        subject = subjects.agent_task(agent_id, task_type)
+        subject = _task_subject(agent_id, task_type)
         if self._inbox is None:
             self._inbox = ReplyInbox(self.client)
         async with self._inbox.expect(subject, timeout) as (reply_to, answer):

@@ -204,7 +204,7 @@ class DurableSubscription:
         finally:
             self._current = None
             metrics.HANDLER_SECONDS.observe(time.perf_counter() - started)
-        metrics.RECEIVED_DURABLE.inc()
+        metrics.RECEIVED_COUNTS["durable"] += 1
         self.handled += 1
         await _quietly(msg.ack(), "ack")
 

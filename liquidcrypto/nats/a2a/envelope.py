@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -150,6 +151,12 @@ def encode(
     Raises:
         InvalidPayloadError: ``data`` or ``metadata`` is not JSON-able.
     """
+    if task_id is None and correlation_id is None and reply_to is None and not metadata:
+        # The common case, by concatenation: ~1.5 us less per message than a dict.
+        out_bytes = _head(kind, agent_id, type) + orjson.dumps(id) + b',"timestamp":' + b"%d" % now_ms()
+        if data is not None:
+            out_bytes += b',"data":' + _dumps(data)
+        return out_bytes + b"}"
     out: dict[str, Any] = {
         "id": id,
         "kind": kind.value,
@@ -171,6 +178,22 @@ def encode(
         return orjson.dumps(out)
     except TypeError:
         return codec.encode(out)  # numpy values, non-string keys; or the project's error
+
+
+@lru_cache(maxsize=4096)
+def _head(kind: Kind, agent_id: str, type_: str) -> bytes:
+    """``{"kind":...,"agent_id":...,"type":...,"id":`` for one (kind, agent, type)."""
+    return (
+        b'{"kind":' + orjson.dumps(kind.value) + b',"agent_id":' + orjson.dumps(agent_id)
+        + b',"type":' + orjson.dumps(type_) + b',"id":'
+    )
+
+
+def _dumps(data: Any) -> bytes:
+    try:
+        return orjson.dumps(data)
+    except TypeError:
+        return codec.encode(data)  # numpy values, non-string keys; or the project's error
 
 
 def _defaults_from_subject(subject: str) -> tuple[Kind, str, str]:
