@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import orjson
@@ -164,6 +164,7 @@ def baseline_app() -> Any:
 class App:
     port: int
     proc: subprocess.Popen[bytes]
+    log: IO[bytes]
 
     @property
     def ws(self) -> str:
@@ -179,7 +180,7 @@ class App:
 
 def start_app(target: str, env: dict[str, str], log: Path) -> App:
     port = free_port()
-    out = open(log, "ab")  # noqa: SIM115 - owned by the process
+    out = open(log, "ab")  # noqa: SIM115 - closed by stop_app
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -204,11 +205,13 @@ def start_app(target: str, env: dict[str, str], log: Path) -> App:
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/api/v1/ws/stats", timeout=1).status_code == 200:
-                return App(port, proc)
+                return App(port, proc, out)
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
+            proc.wait(5)
+            out.close()
             raise RuntimeError(f"app {target} did not start; see {log}")
         time.sleep(0.05)
 
@@ -220,6 +223,7 @@ def stop_app(app: App) -> None:
     except subprocess.TimeoutExpired:
         app.proc.kill()
         app.proc.wait(5)
+    app.log.close()
 
 
 @contextmanager
@@ -248,7 +252,10 @@ def redis_server(tmp: Path) -> Iterator[str | None]:
     )
     try:
         deadline = time.monotonic() + 10
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.02)
