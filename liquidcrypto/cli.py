@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -225,17 +226,10 @@ def dlq_ls(limit: Annotated[int, typer.Option(help="Show at most this many.")] =
     except LiquidNatsError as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
-    table = Table("id", "session", "sub-prd", "attempts", "last error", "failed at")
+    table = Table("id", "task", "attempts", "last error", "failed at (UTC)")
     for d in letters:
-        task = d.task
-        table.add_row(
-            str(d.id),
-            str(getattr(task, "session_id", "")),
-            str(getattr(task, "sub_prd_id", "")),
-            str(d.attempts),
-            str(d.last_error),
-            str(d.failed_at),
-        )
+        failed = datetime.fromtimestamp(d.failed_at / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(d.id, d.task_id, str(d.attempts), d.last_error, failed)
     console.print(table)
     console.print(f"{len(letters)} dead letter(s)")
 
@@ -247,7 +241,7 @@ def dlq_requeue(dead_letter_id: Annotated[str, typer.Argument(help="Dead letter 
 
     try:
         out = asyncio.run(_with_client(lambda c: work_queue.requeue_dead_letter(c, dead_letter_id)))
-    except (LiquidNatsError, KeyError, ValueError) as exc:
+    except (LiquidNatsError, LookupError, ValueError) as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     console.print(f"requeued {dead_letter_id}: {out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -95,3 +96,52 @@ async def test_nats_server_command_runs_a_three_node_cluster(tmp_path: Path) -> 
             assert info.config.num_replicas == 3
         assert proc.stop() == 0
     assert "stopped" in proc.output
+
+
+async def test_dlq_ls_and_requeue(tmp_path: Path, client: NatsClient, nats_server: NatsServer) -> None:
+    from liquidcrypto.nats.work_queue import WorkQueue
+
+    wq = WorkQueue(client)
+    await wq.enqueue_orchestrator_task({"sessionId": "s-dlq", "subPrdId": "poison", "specialist": "x", "payload": {}})
+
+    def always_fails(task: object) -> None:
+        raise RuntimeError("kaboom")
+
+    stop = await wq.start_orchestrator_worker(always_fails, max_deliver=1, backoff=[0.05])
+    try:
+        results = await wq.collect_results("s-dlq", 1, timeout=30)
+        assert results[0].success is False
+    finally:
+        await stop()
+    env = {**os.environ, "NATS_URL": nats_server.url}
+    ls = subprocess.run(
+        [sys.executable, "-m", "liquidcrypto", "dlq", "ls"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert ls.returncode == 0, ls.stderr
+    assert "s-dlq.poison" in ls.stdout and "kaboom" in ls.stdout
+    assert "1 dead letter(s)" in ls.stdout
+    letter_id = re.search(r"│\s*(\d+)\s*│\s*s-dlq\.poison", ls.stdout)
+    assert letter_id, ls.stdout
+    unknown = subprocess.run(
+        [sys.executable, "-m", "liquidcrypto", "dlq", "requeue", "99999"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unknown.returncode == 1
+    again = subprocess.run(
+        [sys.executable, "-m", "liquidcrypto", "dlq", "requeue", letter_id.group(1)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "requeued" in again.stdout
+    stop = await wq.start_orchestrator_worker(lambda task: {"success": True, "result": "fixed"})
+    try:
+        results = await wq.collect_results("s-dlq", 1, timeout=30)
+        assert results[0].success is True and results[0].result == "fixed"
+    finally:
+        await stop()
