@@ -194,3 +194,38 @@ async def test_durable_survives_a_server_restart(nats_server: NatsServer, bus: A
 
     await eventually(publish_one, timeout=20, what="publish after restart")
     await eventually(lambda: seen == [0, 1], timeout=20, what="delivery after restart")
+
+
+async def test_bus_used_while_nats_is_down_starts_working_when_it_comes_up(tmp_path: Any) -> None:
+    from liquidcrypto.config import Settings
+    from liquidcrypto.errors import NatsUnavailableError
+    from liquidcrypto.nats.embedded import free_port
+
+    server = NatsServer(tmp_path / "late", port=free_port())
+    client = NatsClient(server.url, settings=Settings())
+    await client.connect()  # degraded: nothing listens yet
+    bus = A2ABus(client)
+    events: list[Any] = []
+    tasks: list[Any] = []
+    try:
+        await bus.subscribe_to_events("*.events.*", lambda e: events.append(e.data))
+        await bus.subscribe_to_tasks("late.tasks.*", lambda t: tasks.append(t.data), durable="late")
+        with pytest.raises(NatsUnavailableError):
+            await bus.publish_event("late", "e", 1)
+        server.start()
+        await client.wait_connected(20)
+
+        async def publish_both() -> bool:
+            try:
+                await bus.publish_event("late", "e", 2, timeout=1)
+                await bus.publish_task("late", "job", {"id": "late-1", "payload": 3}, timeout=1)
+                return True
+            except NatsUnavailableError:
+                return False
+
+        await eventually(publish_both, timeout=20, what="publishing after NATS came up")
+        await eventually(lambda: 2 in events and tasks == [3], timeout=20, what="both subscriptions working")
+    finally:
+        await bus.close()
+        await client.close()
+        server.stop()

@@ -9,10 +9,10 @@ Subjects (built and validated by ``liquidcrypto.nats.subjects``)::
     system.events.{event_type}              publish_system_event, task_state_changed
 
 Publishing goes through JetStream (the ``A2A_TASKS`` stream captures ``agents.>`` and
-``system.>`` for one hour) with the envelope id as ``Nats-Msg-Id``, and returns the
-stream sequence. Non-durable subscriptions are core NATS subscriptions (they see a
-message as soon as the server does); durable ones are JetStream consumers
-(``liquidcrypto.nats.a2a.durable``).
+``system.>`` for one hour) and returns the stream sequence; an id the caller chose is
+also sent as ``Nats-Msg-Id`` so the stream de-duplicates a re-sent task. Non-durable
+subscriptions are core NATS subscriptions (they see a message as soon as the server
+does); durable ones are JetStream consumers (``liquidcrypto.nats.a2a.durable``).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import nats.errors
@@ -79,6 +80,7 @@ class DurableSubscription:
         self._stopping = False
         self._fetching = False
         self.handled = 0
+        self.since = datetime.now(UTC)
 
     @property
     def closed(self) -> bool:
@@ -90,7 +92,10 @@ class DurableSubscription:
             durable_name=self.durable,
             description=f"A2A durable task subscription on {self.subject}",
             filter_subject=self.subject,
-            deliver_policy=DeliverPolicy.NEW,
+            # From when subscribe_to_tasks was called, even if NATS was down then and the
+            # consumer is only created on connection: tasks sent meanwhile are not lost.
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=self.since,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
             max_deliver=self.max_deliver,
