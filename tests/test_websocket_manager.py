@@ -261,3 +261,27 @@ async def test_feed_resumes_without_gap_after_a_nats_restart(
     await eventually(lambda: len(got) == 20, timeout=30, what="trades after the restart")
     assert [e.data["i"] for e in got] == list(range(20))
     await unsub()
+
+
+async def test_feed_recreates_itself_after_slow_consumer_drops_without_loss(
+    make_manager: MakeManager, make_client: Callable[..., Awaitable[NatsClient]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from liquidcrypto.ws import nats_backend
+
+    monkeypatch.setattr(nats_backend, "FEED_PENDING_MSGS", 64)  # tiny pending limit: drops on bursts
+    m = await make_manager()
+    got: list[TradeEvent] = []
+    unsub = await m.subscribe_to_trade_events("SLOWC", got.append, with_meta=True)
+    publisher = NatsWebSocketManager(await make_client())
+    await publisher.init()
+    try:
+        for i in range(300):
+            await publisher.publish_trade_event("SLOWC", {"i": i})
+        await publisher.flush()
+        await eventually(lambda: len(got) == 300, timeout=30, what="all 300 despite drops")
+    finally:
+        await publisher.close()
+    client = m._client
+    assert client is not None and client.slow_consumer_events > 0  # drops did happen...
+    assert [e.data["i"] for e in got] == list(range(300))  # ...and nothing was lost or repeated
+    await unsub()

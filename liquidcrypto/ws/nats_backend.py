@@ -1,16 +1,15 @@
-"""The NATS backend: trades in the ``TRADE_EVENTS`` stream, one ordered consumer per symbol.
+"""The NATS backend: trades in the ``TRADE_EVENTS`` stream, one push consumer per symbol.
 
 - **Publish** (hop 1): ``js.publish_async`` inside a bounded in-flight window of
   un-acknowledged publications; a full window makes the caller wait. One owned task
   collects the acks in order; a failed or missing ack is retried with the same
   ``Nats-Msg-Id`` (the stream drops a duplicate), then counted and logged as failed.
-- **Feeds** (hop 2): per symbol, an ordered push consumer delivering new messages with
-  their stream sequence, with explicit pending limits. nats-py recreates it from the
-  last delivered sequence after a gap or a silent server, and ``resume_feeds`` does so
-  at once after every reconnection, so the feed has no holes.
-- **History**: an ephemeral ordered consumer reads ``trades.{symbol}`` from a start
-  sequence up to the last stored message; ``last: N`` finds its start sequence by a
-  binary search over consumer ``num_pending`` counts.
+- **Feeds** (hop 2): per symbol, a push consumer (no acks, no flow control) delivering
+  new messages with their stream sequence, with explicit pending limits. A jump in the
+  consumer sequence (slow-consumer drops) recreates it right after the last delivered
+  stream sequence, and ``resume_feeds`` does so after every reconnection, so the feed
+  has no holes.
+- **History**: ``nats_history`` reads the stream from a start sequence.
 """
 
 from __future__ import annotations
@@ -28,20 +27,20 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
-from nats.js.errors import NotFoundError
 
 from liquidcrypto.errors import NatsUnavailableError
 from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient, Subscription
 from liquidcrypto.nats.streams import TRADE_EVENTS
-from liquidcrypto.ws import metrics
+from liquidcrypto.ws import metrics, nats_history
 from liquidcrypto.ws.backend import OnBroadcast, OnTrade
 
 log = logging.getLogger(__name__)
 
 FEED_PENDING_MSGS = 65_536
+FEED_INACTIVE_THRESHOLD = 60.0
+FEED_DROP_CHECK_INTERVAL = 1.0
 FEED_PENDING_BYTES = 64 * 1024 * 1024
-HISTORY_IDLE_TIMEOUT = 5.0
 _YIELD_EVERY = 256
 _DISPATCH_YIELD_EVERY = 16
 
@@ -83,6 +82,8 @@ class NatsBackend:
         self._acker: asyncio.Task[None] | None = None
         self._feeds: dict[str, Any] = {}
         self._feed_last: dict[str, int] = {}  # last stream sequence each feed delivered
+        self._feed_gen: dict[str, int] = {}  # bumped at each (re)subscription of a feed
+        self._tasks: set[asyncio.Task[None]] = set()
         self._broadcast_sub: Subscription | None = None
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid()}-{id(self):x}-"
@@ -110,6 +111,7 @@ class NatsBackend:
         await self._flush_subscriptions()
         self._acker = asyncio.ensure_future(self._collect_acks())
         self._acker.set_name("ws-nats-acks")
+        self._spawn(self._watch_drops(), "ws-feed-drop-watch")
         metrics.SLOW_CONSUMER.set_function(lambda: self.client.slow_consumer_events)
 
     async def _flush_subscriptions(self) -> None:
@@ -127,6 +129,11 @@ class NatsBackend:
             self._acker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._acker
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for symbol in list(self._feeds):
             await self.close_feed(symbol)
         if self._broadcast_sub is not None:
@@ -262,15 +269,41 @@ class NatsBackend:
         metrics.FEEDS.inc()
 
     async def _subscribe_feed(self, symbol: str, start: int) -> None:
+        """Push consumer from ``start``: in order, no acks, no flow control, gap-checked.
+
+        Not nats-py's ordered consumer: its flow-control replies wait for a 250 ms poll
+        whenever the callback is behind, which stalls a busy instance for whole polls.
+        Here a busy instance just queues up to the pending limits; past them nats-py
+        drops (a counted slow-consumer event), the consumer sequence jumps, and the feed
+        is recreated right after the last trade it delivered, so nothing is lost.
+        """
         on_trade = self._on_trade
         assert on_trade is not None, "start() first"
         self._feed_last[symbol] = start - 1
+        generation = self._feed_gen[symbol] = self._feed_gen.get(symbol, 0) + 1
         last = self._feed_last
+        expected = 1  # next consumer sequence of this subscription
         count = 0
+        stale = False
 
         async def callback(msg: Msg) -> None:
-            nonlocal count
-            seq = msg.metadata.sequence.stream
+            nonlocal expected, count, stale
+            if stale:
+                return
+            meta = msg.metadata
+            if meta.sequence.consumer != expected:
+                stale = True
+                log.warning(
+                    "feed of %s skipped from consumer seq %d to %d; recreating after stream seq %d",
+                    symbol,
+                    expected,
+                    meta.sequence.consumer,
+                    last[symbol],
+                )
+                self._spawn(self._recreate_feed(symbol, generation), f"feed-recreate:{symbol}")
+                return
+            expected += 1
+            seq = meta.sequence.stream
             last[symbol] = seq
             on_trade(symbol, seq, msg.data)
             count += 1
@@ -278,13 +311,23 @@ class NatsBackend:
                 # Let client writers and handlers drain their queues during a burst.
                 await asyncio.sleep(0)
 
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=AckPolicy.NONE,
+            max_deliver=1,
+            mem_storage=True,
+            num_replicas=1,
+            # The server removes the consumer of an instance that vanished without unsubscribing.
+            inactive_threshold=FEED_INACTIVE_THRESHOLD,
+        )
         try:
             sub = await self.client.js.subscribe(
                 subjects.trade(symbol),
                 cb=callback,
                 stream=TRADE_EVENTS,
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
+                config=config,
+                manual_ack=True,
                 pending_msgs_limit=FEED_PENDING_MSGS,
                 pending_bytes_limit=FEED_PENDING_BYTES,
             )
@@ -293,6 +336,57 @@ class NatsBackend:
         self._feeds[symbol] = sub
         await self._flush_subscriptions()
         log.debug("feed of %s open from seq %d", symbol, start)
+
+    async def _watch_drops(self) -> None:
+        """After slow-consumer drops, recreate feeds that lost their newest trades.
+
+        A drop in the middle of a burst shows as a jump in the consumer sequence of the
+        next message; a drop of the last messages before a quiet spell shows nowhere, so
+        when the client counted new slow-consumer events, each idle feed is compared with
+        what its consumer says it delivered.
+        """
+        seen = self.client.slow_consumer_events
+        while True:
+            await asyncio.sleep(FEED_DROP_CHECK_INTERVAL)
+            now = self.client.slow_consumer_events
+            if now == seen or not self.client.is_connected:
+                continue
+            seen = now
+            for symbol, sub in list(self._feeds.items()):
+                if sub.pending_msgs:
+                    continue  # still draining; a gap will show in the sequence
+                try:
+                    info = await sub.consumer_info()
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.debug("consumer info of the feed of %s: %r", symbol, exc)
+                    continue
+                delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
+                if delivered > self._feed_last.get(symbol, 0) and not sub.pending_msgs:
+                    log.warning("feed of %s lost trades up to seq %d; recreating", symbol, delivered)
+                    await self._recreate_feed(symbol, self._feed_gen.get(symbol, 0))
+
+    async def _recreate_feed(self, symbol: str, generation: int) -> None:
+        old = self._feeds.get(symbol)
+        if old is None or self._feed_gen.get(symbol) != generation:
+            return  # closed or already recreated
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await old.unsubscribe()
+        try:
+            await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
+        except NatsUnavailableError as exc:
+            # Reconnection will resume it (resume_feeds).
+            log.warning("recreating the feed of %s failed: %s", symbol, exc)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
     async def resume_feeds(self) -> None:
         """After a reconnection: recreate every feed right after the last trade it delivered.
@@ -327,102 +421,8 @@ class NatsBackend:
     async def history(
         self, symbol: str, *, since_seq: int | None, last: int | None, limit: int
     ) -> tuple[list[tuple[int, bytes]], bool]:
-        """Stored trades of ``symbol`` after ``since_seq``, or its ``last`` N, at most ``limit``.
-
-        Returns:
-            ``(items, complete)``: ``(seq, payload)`` in order, and whether nothing the
-            client asked for was left out (expired from the 5-minute stream, or beyond
-            ``limit``).
-        """
-        subject = subjects.trade(symbol)
-        jsm = self.client.js._jsm
-        try:
-            end = int((await jsm.get_last_msg(TRADE_EVENTS, subject)).seq or 0)
-        except NotFoundError:
-            return [], since_seq is None or since_seq == 0
-        first = (await jsm.stream_info(TRADE_EVENTS)).state.first_seq
-        complete = True
-        start = first
-        if since_seq is not None:
-            start = since_seq + 1
-            if start < first:
-                complete, start = since_seq == 0, first
-            if start > end:
-                return [], complete
-            if await self._count(subject, start) > limit:
-                complete, last = False, limit
-        if last is not None:
-            want = min(last, limit)
-            if want == 0:
-                return [], complete
-            start = await self._start_for_last(subject, first, end, want)
-        items, finished = await self._read(subject, start, end)
-        return items, complete and finished
-
-    async def _count(self, subject: str, start: int) -> int:
-        """Messages on ``subject`` with sequence >= ``start`` (an ephemeral consumer's pending)."""
-        jsm = self.client.js._jsm
-        info = await jsm.add_consumer(
-            TRADE_EVENTS,
-            ConsumerConfig(
-                filter_subject=subject,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=start,
-                ack_policy=AckPolicy.NONE,
-                mem_storage=True,
-                inactive_threshold=5.0,
-            ),
-        )
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
-            await jsm.delete_consumer(TRADE_EVENTS, info.name)
-        return int(info.num_pending or 0)
-
-    async def _start_for_last(self, subject: str, first: int, end: int, want: int) -> int:
-        """The highest start sequence from which at least ``want`` messages remain."""
-        lo, hi = first, end
-        if await self._count(subject, lo) <= want:
-            return lo
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if await self._count(subject, mid) >= want:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    async def _read(self, subject: str, start: int, end: int) -> tuple[list[tuple[int, bytes]], bool]:
-        items: list[tuple[int, bytes]] = []
-        done = False
-        progress = asyncio.Event()
-
-        async def callback(msg: Msg) -> None:
-            nonlocal done
-            seq = msg.metadata.sequence.stream
-            if seq <= end and not done:
-                items.append((seq, msg.data))
-            done = done or seq >= end
-            progress.set()
-
-        sub = await self.client.js.subscribe(
-            subject,
-            cb=callback,
-            stream=TRADE_EVENTS,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
-        )
-        try:
-            while not done:
-                progress.clear()
-                try:
-                    await asyncio.wait_for(progress.wait(), HISTORY_IDLE_TIMEOUT)
-                except TimeoutError:
-                    # Expired meanwhile, or NATS is gone: send what we have, say it is partial.
-                    log.warning("history of %s stalled at %d messages (up to seq %d)", subject, len(items), end)
-                    break
-        finally:
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await sub.unsubscribe()
-        return items, done
+        """Stored trades of ``symbol`` after ``since_seq``, or its ``last`` N (see ``nats_history``)."""
+        return await nats_history.read_history(self.client.js, symbol, since_seq=since_seq, last=last, limit=limit)
 
     def stats(self) -> dict[str, int]:
         return {
