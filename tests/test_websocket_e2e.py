@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from liquidcrypto.config import Settings
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer
-from liquidcrypto.websocket_nats import NatsWebSocketManager
+from liquidcrypto.websocket_nats import NatsWebSocketManager, TradeEvent
 from tests.helpers import eventually
 from tests.test_websocket_support import AppInstance, WsClient, app_instances
 
@@ -380,3 +380,33 @@ def test_public_names() -> None:
         assert name in module.__all__ and hasattr(module, name)
     for method in ("init", "publish_trade_event", "subscribe_to_trade_events", "broadcast", "flush", "close"):
         assert callable(getattr(module.NatsWebSocketManager, method))
+
+
+async def test_per_symbol_since_seq_resumes_each_symbol_and_leaves_the_others_live(
+    module_nats: NatsServer, two_apps: list[AppInstance]
+) -> None:
+    client, manager = await publisher(module_nats.url)
+    try:
+        events: list[TradeEvent] = []
+        unsub = await manager.subscribe_to_trade_events(["XP1", "XP2"], events.append, with_meta=True)
+        for i in range(10):
+            await manager.publish_trade_event("XP1", {"i": i})
+            await manager.publish_trade_event("XP2", {"i": i})
+        await manager.flush()
+        await eventually(lambda: len(events) == 20, what="20 stored")
+        xp1 = [e.seq for e in events if e.symbol == "XP1"]
+        c = await WsClient.connect(two_apps[0].ws)
+        await c.subscribe(["XP1", "XP2"], since_seq={"XP1": xp1[6]})
+        replayed = await c.trades(3)
+        assert [(t["symbol"], t["data"]["i"]) for t in replayed] == [("XP1", 7), ("XP1", 8), ("XP1", 9)]
+        hist = await c.recv_type("history")
+        assert hist["symbol"] == "XP1" and hist["complete"] is True
+        await manager.publish_trade_event("XP2", {"i": 10})
+        live = await c.trades(1)
+        assert (live[0]["symbol"], live[0]["data"]["i"]) == ("XP2", 10)  # XP2: live only, no replay
+        assert not any(f["type"] == "history" and f["symbol"] == "XP2" for f in c.frames)
+        await c.close()
+        await unsub()
+    finally:
+        await manager.close()
+        await client.close()

@@ -383,23 +383,29 @@ class NatsWebSocketManager:
                 )
             )
             return
-        history = request.since_seq is not None or request.last is not None
-        replay = history and self.backend.supports_history
+        # Which symbols get history: all with "last" or an int "since_seq"; with a
+        # per-symbol "since_seq" dict only the symbols it names (the others go live).
+        since_of: dict[str, int | None] = {}
+        for symbol in request.symbols:
+            if isinstance(request.since_seq, dict):
+                if symbol in request.since_seq:
+                    since_of[symbol] = request.since_seq[symbol]
+            elif request.since_seq is not None or request.last is not None:
+                since_of[symbol] = request.since_seq
+        replay = self.backend.supports_history
         for symbol in request.symbols:
             state = session.symbols.get(symbol)
             if state is None:
                 state = session.symbols[symbol] = SymbolState()
             state.conflate = request.conflate
-            if replay:
+            if replay and symbol in since_of:
                 session.begin_replay(symbol)
             try:
                 await self._add(symbol, session=session)
             except NatsUnavailableError as exc:
                 session.offer(protocol.error_frame(f"trades of {symbol} are unavailable now: {exc}"))
         session.offer(protocol.frame("subscribed", symbols=list(request.symbols)))
-        if not history:
-            return
-        for symbol in request.symbols:
+        for symbol, since in since_of.items():
             if not replay:
                 session.offer(
                     protocol.frame(
@@ -411,9 +417,6 @@ class NatsWebSocketManager:
                     )
                 )
                 continue
-            since = request.since_seq
-            if isinstance(since, dict):
-                since = since.get(symbol, 0)
             session.spawn(self._replay(session, symbol, since, request.last), f"replay:{symbol}")
 
     async def _replay(self, session: ClientSession, symbol: str, since: int | None, last: int | None) -> None:
