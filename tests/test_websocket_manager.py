@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from liquidcrypto.config import Settings
-from liquidcrypto.errors import NatsUnavailableError
+from liquidcrypto.errors import LiquidNatsError, NatsUnavailableError
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer
 from liquidcrypto.nats.streams import TRADE_EVENTS
@@ -93,6 +93,18 @@ async def test_cross_instance_delivery_and_one_feed_per_symbol(make_manager: Mak
     await unsubs[2]()
     assert a.stats()["feeds"] == []
     await unsub_b()
+
+
+async def test_use_before_init_or_after_close_is_refused(client: NatsClient) -> None:
+    m = NatsWebSocketManager(client)
+    with pytest.raises(LiquidNatsError, match="init"):
+        await m.publish_trade_event("BTCUSDT", {"price": 1})
+    async with m:
+        await m.publish_trade_event("BTCUSDT", {"price": 1})
+    with pytest.raises(LiquidNatsError, match="closed"):
+        await m.publish_trade_event("BTCUSDT", {"price": 1})
+    with pytest.raises(LiquidNatsError, match="closed"):
+        await m.init()
 
 
 async def test_invalid_symbol_raises_before_anything_is_sent(make_manager: MakeManager) -> None:

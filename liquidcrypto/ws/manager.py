@@ -146,10 +146,10 @@ class NatsWebSocketManager:
 
     async def init(self) -> None:
         """Start the backend (NATS: the broadcast subscription and the ack collector)."""
-        if self._backend is not None:
-            return
         if self._closed:
             raise LiquidNatsError("WebSocket manager is closed")
+        if self._backend is not None:
+            return
         backend: Backend
         if self._transport is not None:
             backend = self._transport
@@ -188,6 +188,13 @@ class NatsWebSocketManager:
 
     @property
     def backend(self) -> Backend:
+        """The started backend.
+
+        Raises:
+            LiquidNatsError: ``init()`` was not called, or the manager is closed.
+        """
+        if self._closed:
+            raise LiquidNatsError("WebSocket manager is closed")
         if self._backend is None:
             raise LiquidNatsError("WebSocket manager not initialised; call await manager.init()")
         return self._backend
@@ -301,7 +308,8 @@ class NatsWebSocketManager:
                 feed.handlers.discard(handler)
             if feed.empty and feed.open:
                 feed.open = False
-                await self.backend.close_feed(symbol)
+                if not self._closed:  # closing stops the backend and all its feeds
+                    await self.backend.close_feed(symbol)
             if feed.empty and self._feeds.get(symbol) is feed:
                 del self._feeds[symbol]
 
