@@ -61,6 +61,7 @@ class Settings:
     state_dir: Path = field(default_factory=lambda: Path(".liquidcrypto"))
     dedupe_window: float = 3600.0
     ws_token: str | None = None
+    ws_jwt_secret: str | None = None
     ws_max_clients: int = 10_000
     ws_max_symbols: int = 100
     ws_max_frame_bytes: int = 64 * 1024
@@ -106,6 +107,7 @@ class Settings:
             state_dir=Path(e.get("LIQUIDCRYPTO_STATE_DIR") or ".liquidcrypto"),
             dedupe_window=_float(e, "NATS_DEDUPE_WINDOW", 3600.0),
             ws_token=_str(e, "WS_TOKEN"),
+            ws_jwt_secret=_str(e, "WS_JWT_SECRET"),
             ws_max_clients=_int(e, "WS_MAX_CLIENTS", 10_000),
             ws_max_symbols=_int(e, "WS_MAX_SYMBOLS", 100),
             ws_max_frame_bytes=_int(e, "WS_MAX_FRAME_BYTES", 64 * 1024),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer
 from liquidcrypto.websocket_nats import NatsWebSocketManager, TradeEvent
 from tests.helpers import eventually
+from tests.test_websocket_auth import make_jwt
 from tests.test_websocket_support import AppInstance, WsClient, app_instances
 
 
@@ -312,7 +314,7 @@ async def test_disconnect_policy_closes_the_stalled_client_with_1013(module_nats
 
 
 async def test_token_auth_and_client_limit(module_nats: NatsServer, tmp_path: Path) -> None:
-    env = {"NATS_URL": module_nats.url, "WS_TOKEN": "s3cret", "WS_MAX_CLIENTS": "2"}
+    env = {"NATS_URL": module_nats.url, "WS_TOKEN": "s3cret", "WS_JWT_SECRET": "jwt-key", "WS_MAX_CLIENTS": "2"}
     with app_instances(1, env, tmp_path) as (app,):
         with pytest.raises(InvalidStatus) as rejected:
             await WsClient.connect(app.ws)
@@ -320,7 +322,10 @@ async def test_token_auth_and_client_limit(module_nats: NatsServer, tmp_path: Pa
         with pytest.raises(InvalidStatus):
             await WsClient.connect(app.ws + "?token=wrong")
         a = await WsClient.connect(app.ws + "?token=s3cret")
-        b = await WsClient.connect(app.ws, additional_headers={"Authorization": "Bearer s3cret"})
+        with pytest.raises(InvalidStatus):  # a JWT signed with another key
+            await WsClient.connect(app.ws + "?token=" + make_jwt({"sub": "u"}, "other-key"))
+        jwt = make_jwt({"sub": "u", "exp": time.time() + 60}, "jwt-key")
+        b = await WsClient.connect(app.ws, additional_headers={"Authorization": f"Bearer {jwt}"})
         conn = await websockets.connect(app.ws + "?token=s3cret")
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(conn.recv(), 10)

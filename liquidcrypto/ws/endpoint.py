@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from liquidcrypto.ws import metrics, protocol
+from liquidcrypto.ws import auth, metrics, protocol
 from liquidcrypto.ws.manager import NatsWebSocketManager
 from liquidcrypto.ws.session import CLOSE_POLICY, CLOSE_TRY_AGAIN, ClientSession
 
@@ -25,26 +24,13 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 2.0
 
 
-def authorised(websocket: WebSocket, token: str | None) -> bool:
-    """Whether the request carries ``token`` (``?token=`` or ``Authorization: Bearer``).
-
-    Always true when no token is configured (the default).
-    """
-    if not token:
-        return True
-    given = websocket.query_params.get("token") or ""
-    header = websocket.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        given = header[7:].strip()
-    return hmac.compare_digest(given.encode(), token.encode())
-
-
 async def websocket_endpoint(websocket: WebSocket) -> None:
     """``GET /ws``: serve one client until it leaves or is closed."""
     manager: NatsWebSocketManager = websocket.app.state.ws_manager
     settings = manager.settings
     peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "ws-client"
-    if not authorised(websocket, settings.ws_token):
+    given = auth.presented_token(websocket.query_params, websocket.headers)
+    if not auth.authorised(given, token=settings.ws_token, jwt_secret=settings.ws_jwt_secret):
         metrics.POLICY_CLOSES.inc()
         log.warning("rejecting /ws client %s: missing or wrong token", peer)
         await websocket.close(code=CLOSE_POLICY, reason="unauthorised")
@@ -105,9 +91,7 @@ async def _read(websocket: WebSocket, manager: NatsWebSocketManager, session: Cl
         size = len(raw.encode()) if isinstance(raw, str) else len(raw)
         try:
             if size > settings.ws_max_frame_bytes:
-                raise ValueError(
-                    f"frame of {size:,} bytes exceeds the limit of {settings.ws_max_frame_bytes:,}"
-                )
+                raise ValueError(f"frame of {size:,} bytes exceeds the limit of {settings.ws_max_frame_bytes:,}")
             request = protocol.parse_client_frame(raw, max_symbols=settings.ws_max_symbols)
         except ValueError as exc:
             bad += 1
