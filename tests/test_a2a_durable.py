@@ -229,3 +229,10 @@ async def test_bus_used_while_nats_is_down_starts_working_when_it_comes_up(tmp_p
         await bus.close()
         await client.close()
         server.stop()
+
+
+async def test_durable_handler_answers_a_request(make_client: Any, bus: A2ABus) -> None:
+    agent = A2ABus(await make_client())
+    await agent.subscribe_to_tasks("calc.tasks.*", lambda t: {"sum": sum(t.data)}, durable="calc")
+    assert await bus.request_agent("calc", "add", [1, 2, 3], timeout=5) == {"sum": 6}
+    await agent.close()

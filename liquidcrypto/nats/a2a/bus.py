@@ -314,7 +314,8 @@ class A2ABus:
                 subscriber runs are delivered when one comes back (within the stream's
                 hour), in order, acked after the handler returns, redelivered if it
                 raises (up to ``max_deliver`` times) or the process dies. Every process
-                using the same name shares the consumer (a durable queue group).
+                using the same name shares the consumer (a durable queue group, so
+                ``queue`` adds nothing here).
             batch: durable only: messages fetched per request while busy.
             ack_wait: durable only: seconds before an unacknowledged message is redelivered.
             max_deliver: durable only: attempts before a failing message is terminated.
