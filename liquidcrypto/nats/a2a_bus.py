@@ -59,6 +59,7 @@ def get_bus() -> A2ABus:
     client = get_client()
     if _bus is None or _bus.client is not client or _bus._closed:
         _bus = A2ABus(client)
+        client.on_close(close_bus)  # close_nats() stops the default bus's heartbeats too
     return _bus
 
 

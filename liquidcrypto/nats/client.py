@@ -142,6 +142,7 @@ class NatsClient:
         self._background: set[asyncio.Task[Any]] = set()
         self._subscriptions: set[Subscription] = set()
         self._on_connect: list[ConnectCallback] = []
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
         self._publish_count = 0
         self.slow_consumer_events = 0
         self.reconnects = 0
@@ -227,6 +228,14 @@ class NatsClient:
         """Drain the connection, stop background work; idempotent."""
         if self.state is ConnectionState.CLOSED:
             return
+        # Components built on this client (bus heartbeats, durable loops) stop first,
+        # while the connection still works.
+        for close_cb in reversed(self._on_close):
+            try:
+                await close_cb()
+            except Exception:
+                log.exception("on_close callback %r failed", close_cb)
+        self._on_close.clear()
         self.state = ConnectionState.CLOSED
         self._connected.clear()
         CONNECTED.set(0)
@@ -241,7 +250,10 @@ class NatsClient:
             except Exception as exc:  # noqa: BLE001 - closing must not raise
                 log.debug("drain failed (%s); closing", exc)
             if not nc.is_closed:
-                await nc.close()
+                try:
+                    await nc.close()
+                except Exception as exc:  # noqa: BLE001 - e.g. ConnectionResetError with a dead server
+                    log.debug("close failed (%s)", exc)
         self._subscriptions.clear()
 
     def on_connect(self, callback: ConnectCallback) -> None:
@@ -251,6 +263,10 @@ class NatsClient:
         callers that need it now call it themselves.
         """
         self._on_connect.append(callback)
+
+    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``await callback()`` when the client closes, before the connection drains."""
+        self._on_close.append(callback)
 
     def remove_on_connect(self, callback: ConnectCallback) -> None:
         if callback in self._on_connect:
