@@ -253,7 +253,7 @@ def bench(
     name: Annotated[str, typer.Argument(help="a2a, work-queue or websocket")],
 ) -> None:
     """Run a benchmark against raw nats-py in the same run (extra options pass through)."""
-    module = BENCHMARKS.get(name)
+    module = BENCHMARKS.get(name.replace("_", "-")) or (name if name in BENCHMARKS.values() else None)
     if module is None:
         err.print(f"[red]unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}[/]")
         raise typer.Exit(2)

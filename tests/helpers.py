@@ -93,3 +93,11 @@ async def wait_http(url: str, proc: CliProcess | None = None, timeout: float = 2
         if time.monotonic() > deadline:
             raise AssertionError(f"{url} did not answer within {timeout} s:\n{proc.output if proc else ''}")
         await asyncio.sleep(0.05)
+
+
+def readme_section(heading: str) -> str:
+    """The README's section that starts with the ``## `` heading beginning with ``heading``."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("\n## " + heading)
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]

@@ -1,4 +1,4 @@
-"""Every Python block of docs/a2a.md runs as written against a real nats-server, and the
+"""Every Python block of the README's A2A section runs as written against a real nats-server, and the
 benchmark's quick mode runs and prints its table."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -14,9 +13,10 @@ from liquidcrypto.bench import a2a as bench
 from liquidcrypto.nats import close_nats, init_nats
 from liquidcrypto.nats.a2a_bus import close_bus
 from liquidcrypto.nats.embedded import NatsServer
+from tests.helpers import readme_section
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "a2a.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+DOC_TEXT = readme_section("A2A Bus")
+BLOCKS = re.findall(r"```python\n(.*?)```", DOC_TEXT, flags=re.S)
 
 
 def test_the_doc_has_examples() -> None:
@@ -30,7 +30,7 @@ async def test_doc_example_runs(
     monkeypatch.setenv("NATS_URL", nats_server.url)
     source = "async def __example__():\n" + textwrap.indent(BLOCKS[index], "    ")
     namespace: dict[str, object] = {}
-    exec(compile(source, f"docs/a2a.md block {index}", "exec"), namespace)
+    exec(compile(source, f"the README's A2A section block {index}", "exec"), namespace)
     client = await init_nats()
     await client.wait_connected(15)
     try:

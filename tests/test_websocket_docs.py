@@ -1,4 +1,4 @@
-"""The README's WebSocket example (docs/websocket.md) runs as written, and its
+"""The README's WebSocket example  runs as written, and its
 configuration table names real settings."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 from liquidcrypto.nats.embedded import NatsServer
+from tests.helpers import readme_section
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "websocket.md"
+DOC_TEXT = readme_section("WebSocket distribution")
 
 
 def test_spec_example_runs_as_written(nats_server: NatsServer, tmp_path: Path) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", DOC_TEXT, re.S)
     example = next(b for b in blocks if "asyncio.run(main())" in b)
     script = tmp_path / "example.py"
     script.write_text(example)
@@ -35,7 +36,7 @@ def test_spec_example_runs_as_written(nats_server: NatsServer, tmp_path: Path) -
 def test_documented_settings_exist() -> None:
     from liquidcrypto.config import Settings
 
-    text = DOC.read_text()
+    text = DOC_TEXT
     documented = set(re.findall(r"^\| `(WS_[A-Z_]+|REDIS_URL)` \|", text, re.M))
     assert "WS_QUEUE_SIZE" in documented and "WS_PUBLISH_WINDOW" in documented
     fields = {f.lower() for f in documented}

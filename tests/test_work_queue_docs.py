@@ -1,4 +1,4 @@
-"""The README's work-queue example (docs/work_queue.md) runs as written."""
+"""The README's work-queue example  runs as written."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 from liquidcrypto.nats.embedded import NatsServer
+from tests.helpers import readme_section
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "work_queue.md"
+DOC_TEXT = readme_section("Work queue")
 
 
 def test_spec_example_runs_as_written(nats_server: NatsServer, tmp_path: Path) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", DOC_TEXT, re.S)
     example = next(b for b in blocks if "asyncio.run(main())" in b)
     script = tmp_path / "example.py"
     script.write_text(example)

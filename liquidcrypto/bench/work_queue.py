@@ -96,7 +96,7 @@ async def bench_raw(url: str, n: int, concurrency: int) -> float:
                 result = {"sessionId": task["sessionId"], "subPrdId": task["subPrdId"], "success": True,
                           "completedAt": int(time.time() * 1000)}
                 await js.publish(f"raw.results.{task['sessionId']}.{task['subPrdId']}", orjson.dumps(result),
-                                 headers={"Nats-Msg-Id": "result." + msg.headers["Nats-Msg-Id"]})
+                                 headers={"Nats-Msg-Id": "result." + (msg.headers or {})["Nats-Msg-Id"]})
                 await msg.ack_sync()
         await psub.unsubscribe()
 
