@@ -299,3 +299,19 @@ async def test_close_nats_closes_components_built_on_the_default_client(nats_ser
     await lnats.close_nats()
     assert bus._closed
     assert c.state is ConnectionState.CLOSED
+
+
+async def test_establishing_a_subscription_twice_concurrently_makes_one(client: NatsClient) -> None:
+    from liquidcrypto.nats.subscription import Subscription, json_callback
+
+    got: list[object] = []
+    sub = Subscription(lambda s: None, "once.x", json_callback("once.x", got.append), None, 1000, 1 << 20)
+    before = len(client.nc._subs)
+    # A reconnect pass and a subscribe() racing on the same subscription.
+    await asyncio.gather(sub._establish(client.nc), sub._establish(client.nc))
+    assert len(client.nc._subs) == before + 1
+    await client.publish("once.x", 1)
+    await eventually(lambda: got == [1], what="one delivery")
+    await client.publish("once.x", 2)
+    await eventually(lambda: got == [1, 2], what="second delivery, once")
+    await sub.unsubscribe()

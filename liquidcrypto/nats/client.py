@@ -333,10 +333,11 @@ class NatsClient:
         nc = self.nc
         if self._provision:
             await self.provision()
-        for sub in list(self._subscriptions):
-            if sub._sub is None:
-                await sub._establish(nc)
+        # CONNECTED first: a subscribe() racing with this loop then establishes its own
+        # subscription (establishing is idempotent), so none is missed or made twice.
         self.state = ConnectionState.CONNECTED
+        for sub in list(self._subscriptions):
+            await sub._establish(nc)
         self._connected.set()
         CONNECTED.set(1)
         log.info("NATS connected to server %s (%s)", self.server_id, self.display_url)

@@ -86,6 +86,7 @@ class Subscription:
         self._pending_msgs_limit = pending_msgs_limit
         self._pending_bytes_limit = pending_bytes_limit
         self._sub: NatsSubscription | None = None
+        self._establishing = False
         self.closed = False
 
     @property
@@ -98,15 +99,25 @@ class Subscription:
         return self._sub.pending_msgs if self._sub is not None else 0
 
     async def _establish(self, nc: NatsConnection) -> None:
-        if self.closed:
+        """Create the server-side subscription once (idempotent, also when called concurrently)."""
+        if self.closed or self._sub is not None or self._establishing:
             return
-        self._sub = await nc.subscribe(
-            self.subject,
-            queue=self.queue or "",
-            cb=self._callback,
-            pending_msgs_limit=self._pending_msgs_limit,
-            pending_bytes_limit=self._pending_bytes_limit,
-        )
+        self._establishing = True
+        try:
+            sub = await nc.subscribe(
+                self.subject,
+                queue=self.queue or "",
+                cb=self._callback,
+                pending_msgs_limit=self._pending_msgs_limit,
+                pending_bytes_limit=self._pending_bytes_limit,
+            )
+        finally:
+            self._establishing = False
+        if self.closed:  # unsubscribed while we were subscribing
+            with contextlib.suppress(nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError):
+                await sub.unsubscribe()
+            return
+        self._sub = sub
 
     async def unsubscribe(self) -> None:
         """Stop receiving; idempotent."""
