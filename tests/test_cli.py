@@ -145,3 +145,13 @@ async def test_dlq_ls_and_requeue(tmp_path: Path, client: NatsClient, nats_serve
         assert results[0].success is True and results[0].result == "fixed"
     finally:
         await stop()
+
+
+async def test_serve_does_not_negotiate_per_message_deflate(tmp_path: Path, nats_server: NatsServer) -> None:
+    import websockets
+
+    port = free_port()
+    with cli(["serve"], {"NATS_URL": nats_server.url, "PORT": str(port)}, tmp_path) as svc:
+        await wait_http(f"http://127.0.0.1:{port}/api/v1/nats/health", svc)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:  # offers deflate by default
+            assert ws.protocol.extensions == []
