@@ -44,8 +44,13 @@ async def test_replicated_streams_and_failover(nats_cluster: NatsCluster) -> Non
         await eventually(stored_again, timeout=30, what="JetStream publish after fail-over")
         info = await c.js.stream_info("A2A_TASKS")
         assert info.state.last_seq >= ack.seq + 1
-        health = await c.health()
-        assert health["connected"] is True and health["jetstream"]["streams"] == 3
+
+        async def healthy() -> bool:
+            # The stream list is answered by the meta leader, which may just be re-elected.
+            health = await c.health()
+            return health["connected"] is True and health["jetstream"]["streams"] == 3
+
+        await eventually(healthy, timeout=30, what="health with three streams after fail-over")
 
         received: asyncio.Queue[object] = asyncio.Queue()
         await c.subscribe("fanout.x", received.put)
