@@ -166,7 +166,10 @@ async def test_wrong_password_means_degraded_with_a_clear_error(
         with caplog.at_level(logging.WARNING):
             await c.connect()
         assert c.state is ConnectionState.DEGRADED
-        assert "Authorization" in (c.last_error or "")
+        # The server answers -ERR 'Authorization Violation' and closes; an attempt can see
+        # the reset before the error line, so the background retries are polled for it.
+        await eventually(lambda: "Authorization" in (c.last_error or ""), timeout=20, what="auth error")
+        assert c.state is ConnectionState.DEGRADED
         assert "wrong-pass" not in caplog.text
         assert (await c.health())["connected"] is False
     finally:

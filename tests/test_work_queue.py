@@ -121,6 +121,8 @@ async def test_reenqueue_of_the_same_task_runs_once(wq: WorkQueue, client: NatsC
 
     stop = await wq.start_orchestrator_worker(handler, concurrency=4)
     assert (await wq.collect_results("s", 1, 10.0)).complete
+    # Removed, confirmed by the server, before collect_results returned.
+    assert await stream_messages(client, "orchestrator.results.>") == 0
     await stop()
     assert calls == {"a": 1}
     async def stream_empty() -> bool:  # the task and its collected result are removed

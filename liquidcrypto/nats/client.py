@@ -25,7 +25,7 @@ import nats.errors
 from nats.aio.client import Client as NatsConnection
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import NoStreamResponseError, TooManyStalledMsgsError
 from prometheus_client import Counter, Gauge
 
 from liquidcrypto import codec
@@ -505,17 +505,43 @@ class NatsClient:
         Raises:
             NatsUnavailableError: it could not be stored (no connection, no stream, timeout).
         """
-        subject = _checked_subject(subject)
-        payload = codec.encode(data)
         hdrs = dict(headers) if headers else {}
         if msg_id is not None:
             hdrs["Nats-Msg-Id"] = msg_id
+        return await self.js_publish_raw(_checked_subject(subject), codec.encode(data), hdrs or None, timeout=timeout)
+
+    async def js_publish_raw(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, timeout: float = 5.0
+    ) -> PubAck:
+        """``js_publish`` for bytes on an already validated subject (hot paths).
+
+        Raises:
+            NatsUnavailableError: it could not be stored (no connection, no stream, timeout).
+        """
         try:
-            return await self.js.publish(subject, payload, timeout=timeout, headers=hdrs or None)
+            return await self.js.publish(subject, payload, timeout=timeout, headers=headers)
         except NoStreamResponseError as exc:
             raise NatsUnavailableError(f"no JetStream stream stored {subject!r}") from exc
         except (nats.errors.TimeoutError, TimeoutError) as exc:
             raise NatsUnavailableError(f"JetStream did not acknowledge {subject!r} within {timeout:g} s") from exc
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+            raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
+
+    async def js_publish_async_raw(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, stall: float | None = None
+    ) -> asyncio.Future[PubAck]:
+        """Start a JetStream publish on a validated subject; the future resolves on its ack.
+
+        nats-py bounds the pending acknowledgements; a full window waits up to ``stall``
+        seconds for a slot.
+
+        Raises:
+            NatsUnavailableError: NATS is unavailable, or no slot freed up within ``stall``.
+        """
+        try:
+            return await self.js.publish_async(subject, payload, wait_stall=stall, headers=headers)
+        except TooManyStalledMsgsError as exc:
+            raise NatsUnavailableError(f"{subject!r}: no JetStream acknowledgement slot within {stall:g} s") from exc
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
             raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
 

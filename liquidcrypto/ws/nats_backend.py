@@ -148,7 +148,6 @@ class NatsBackend:
             NatsUnavailableError: NATS is not connected.
         """
         subject = subjects.trade(symbol)
-        js = self.client.js
         if not self.client.is_connected:
             # Fail fast: nats-py would buffer it while reconnecting, with no ack to come.
             raise NatsUnavailableError(f"NATS is not connected; trade for {symbol!r} not sent")
@@ -162,10 +161,7 @@ class NatsBackend:
             await self._slots.acquire()
         msg_id = f"{self._id_prefix}{next(self._ids)}"
         try:
-            future = await js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id})
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            self._slots.release()
-            raise NatsUnavailableError(f"NATS unavailable; trade for {symbol!r} not sent") from exc
+            future = await self.client.js_publish_async_raw(subject, payload, {"Nats-Msg-Id": msg_id})
         except BaseException:
             self._slots.release()
             raise

@@ -28,7 +28,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
-from nats.js.errors import NoStreamResponseError
 
 from liquidcrypto.errors import (
     InvalidPayloadError,
@@ -232,17 +231,12 @@ class A2ABus:
             correlation_id=correlation, metadata=metadata,
         )
         try:
-            fut = await self.client.js.publish_async(
-                subject, payload, wait_stall=stall, headers={MSG_ID_HEADER: given_id} if given_id else None
+            fut = await self.client.js_publish_async_raw(
+                subject, payload, {MSG_ID_HEADER: given_id} if given_id else None, stall=stall
             )
-        except nats.js.errors.TooManyStalledMsgsError as exc:
+        except NatsUnavailableError:
             metrics.PUBLISH_FAILURES.inc()
-            raise NatsUnavailableError(
-                f"{subject!r}: no JetStream acknowledgement slot within {stall:g} s"
-            ) from exc
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            metrics.PUBLISH_FAILURES.inc()
-            raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
+            raise
         fut.add_done_callback(_log_async_failure)
         _PUBLISHED["task"] += 1
         return fut
@@ -277,18 +271,10 @@ class A2ABus:
             _PUBLISHED[kind] += 1
             return None
         try:
-            pub_ack = await self.client.js.publish(subject, payload, timeout=timeout, headers=headers)
-        except NoStreamResponseError as exc:
+            pub_ack = await self.client.js_publish_raw(subject, payload, headers, timeout=timeout)
+        except NatsUnavailableError:
             metrics.PUBLISH_FAILURES.inc()
-            raise NatsUnavailableError(f"no JetStream stream stored {subject!r}") from exc
-        except (nats.errors.TimeoutError, TimeoutError) as exc:
-            metrics.PUBLISH_FAILURES.inc()
-            raise NatsUnavailableError(
-                f"JetStream did not acknowledge {subject!r} within {timeout:g} s"
-            ) from exc
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            metrics.PUBLISH_FAILURES.inc()
-            raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
+            raise
         if pub_ack.duplicate:
             log.info("%s: id %s was already stored (seq %s); not stored twice", subject, msg_id, pub_ack.seq)
         else:

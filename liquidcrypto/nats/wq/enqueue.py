@@ -6,11 +6,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import nats.errors
 from nats.js.api import PubAck
-from nats.js.errors import NoStreamResponseError
 
-from liquidcrypto.errors import NatsUnavailableError
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.wq import infra, metrics
 from liquidcrypto.nats.wq.models import EnqueueReceipt, OrchestratorTask, coerce_task
@@ -32,14 +29,7 @@ async def store(
         NatsUnavailableError: it was not stored (no connection, no stream, timeout).
     """
     hdrs = {**headers, "Nats-Msg-Id": msg_id} if headers else {"Nats-Msg-Id": msg_id}
-    try:
-        return await client.js.publish(subject, payload, timeout=timeout, headers=hdrs)
-    except NoStreamResponseError as exc:
-        raise NatsUnavailableError(f"no JetStream stream stored {subject!r}") from exc
-    except (nats.errors.TimeoutError, TimeoutError) as exc:
-        raise NatsUnavailableError(f"JetStream did not acknowledge {subject!r} within {timeout:g} s") from exc
-    except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-        raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
+    return await client.js_publish_raw(subject, payload, hdrs, timeout=timeout)
 
 
 async def enqueue(

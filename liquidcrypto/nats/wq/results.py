@@ -47,6 +47,7 @@ CONFLICT_WAIT = INACTIVE_THRESHOLD + 2.0
 MAX_BATCH = 1000
 SUBSCRIPTION_WINDOW = 64
 HANDLER_ATTEMPTS = 3
+REMOVE_TIMEOUT = 5.0
 
 
 class Reader:
@@ -220,14 +221,10 @@ async def collect_results(
             await reader.wait(remaining)
         complete = len(got) >= count
         if complete and msgs:
-            # Returned to the caller: now they may leave the work-queue stream. If the
-            # acks are lost the results stay and a later collection sees them again.
-            try:
-                for msg in msgs:
-                    await msg.ack()
-                await client.nc.flush()
-            except Exception as exc:  # noqa: BLE001 - the caller still gets its results
-                log.warning("collect_results(%s): acknowledging results failed (%s)", session_id, exc)
+            # Returned to the caller: now they leave the work-queue stream, confirmed by
+            # the server before we return (a plain ack can still sit in the server's queue
+            # when it shuts down, and the next collection would count the results again).
+            await remove_results(client, msgs, session_id)
     finally:
         await reader.close()
     metrics.RESULTS_COLLECTED.inc(len(got))
@@ -237,6 +234,29 @@ async def collect_results(
         log.info("collect_results(%s): %d of %d after %gs; missing %s", session_id, len(got), count, timeout,
                  sorted(missing)[:20])
     return ResultSet(list(got.values()), session_id=session_id, expected=count, missing=sorted(missing))
+
+
+async def remove_results(client: NatsClient, msgs: list[Msg], session_id: str) -> None:
+    """Double-ack collected results; delete by stream sequence what could not be acked
+    (e.g. the reader's consumer was lost in a restart). Logged, never raised: the caller
+    has its results, and at worst a later collection of the session sees them again."""
+    outcomes = await asyncio.gather(*(m.ack_sync(timeout=REMOVE_TIMEOUT) for m in msgs), return_exceptions=True)
+    left = [m.metadata.sequence.stream for m, out in zip(msgs, outcomes, strict=True) if isinstance(out, Exception)]
+    deadline = time.monotonic() + REMOVE_TIMEOUT
+    for seq in left:
+        while True:
+            try:
+                await client.js._jsm.delete_msg(infra.TASKS_STREAM, seq)
+                break
+            except (BadRequestError, JsNotFoundError) as exc:
+                log.debug("result seq %d already removed: %s", seq, exc)  # the ack did arrive
+                break
+            except Exception as exc:  # noqa: BLE001 - e.g. reconnecting; retry until the deadline
+                if time.monotonic() > deadline:
+                    log.warning("collect_results(%s): result seq %d not removed (%s); a later collection "
+                                "of the session sees it again", session_id, seq, exc)
+                    break
+                await asyncio.sleep(0.1)
 
 
 def _read(msg: Msg, seen: set[str] | OrderedDict[str, None]) -> TaskResult | None:
