@@ -28,6 +28,7 @@ from liquidcrypto.nats.work_queue import (
     requeue_dead_letter,
 )
 from liquidcrypto.nats.wq import infra
+from liquidcrypto.nats.wq import results as results_mod
 from tests.helpers import eventually
 
 
@@ -276,6 +277,21 @@ async def test_stop_lets_running_finish_and_hands_back_the_rest(wq: WorkQueue) -
 
 
 # -- results -----------------------------------------------------------------------------
+
+
+async def test_collected_results_whose_acks_are_lost_are_deleted(
+    client: NatsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's consumer vanished (as in a restart): the results still leave the stream."""
+    for sub in ("a", "b", "c"):
+        r = TaskResult(session_id="s", sub_prd_id=sub, success=True)
+        await client.js_publish(r.subject, r.to_wire(), msg_id=f"result.s.{sub}")
+    psub = await client.js.pull_subscribe("orchestrator.results.s.>", stream=infra.TASKS_STREAM)
+    msgs = await psub.fetch(3, timeout=5)
+    await client.js._jsm.delete_consumer(infra.TASKS_STREAM, (await psub.consumer_info()).name)
+    monkeypatch.setattr(results_mod, "REMOVE_TIMEOUT", 0.5)
+    await results_mod.remove_results(client, msgs, "s")
+    assert await stream_messages(client, "orchestrator.results.>") == 0
 
 
 async def test_collect_results_timeout_returns_partial_visibly_and_keeps_results(wq: WorkQueue) -> None:

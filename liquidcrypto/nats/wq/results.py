@@ -237,26 +237,36 @@ async def collect_results(
 
 
 async def remove_results(client: NatsClient, msgs: list[Msg], session_id: str) -> None:
-    """Double-ack collected results; delete by stream sequence what could not be acked
-    (e.g. the reader's consumer was lost in a restart). Logged, never raised: the caller
-    has its results, and at worst a later collection of the session sees them again."""
-    outcomes = await asyncio.gather(*(m.ack_sync(timeout=REMOVE_TIMEOUT) for m in msgs), return_exceptions=True)
-    left = [m.metadata.sequence.stream for m, out in zip(msgs, outcomes, strict=True) if isinstance(out, Exception)]
+    """Acknowledge collected results, confirmed by the server before returning.
+
+    The server handles one consumer's acks in order, so plain acks followed by one
+    double ack (``ack_sync``) of the last message confirm them all in one round trip.
+    Without that confirmation (e.g. the reader's consumer was lost in a restart) the
+    results are deleted by stream sequence instead. Logged, never raised: the caller has
+    its results, and at worst a later collection of the session sees them again.
+    """
+    try:
+        for msg in msgs[:-1]:
+            await msg.ack()
+        await msgs[-1].ack_sync(timeout=REMOVE_TIMEOUT)
+        return
+    except Exception as exc:  # noqa: BLE001 - fall back to deleting them
+        log.info("collect_results(%s): acks not confirmed (%s); deleting the results", session_id, exc)
     deadline = time.monotonic() + REMOVE_TIMEOUT
-    for seq in left:
-        while True:
-            try:
-                await client.js._jsm.delete_msg(infra.TASKS_STREAM, seq)
-                break
-            except (BadRequestError, JsNotFoundError) as exc:
-                log.debug("result seq %d already removed: %s", seq, exc)  # the ack did arrive
-                break
-            except Exception as exc:  # noqa: BLE001 - e.g. reconnecting; retry until the deadline
-                if time.monotonic() > deadline:
-                    log.warning("collect_results(%s): result seq %d not removed (%s); a later collection "
-                                "of the session sees it again", session_id, seq, exc)
-                    break
-                await asyncio.sleep(0.1)
+    seqs = [msg.metadata.sequence.stream for msg in msgs]
+    while seqs:
+        try:
+            await client.js._jsm.delete_msg(infra.TASKS_STREAM, seqs[-1])
+        except (BadRequestError, JsNotFoundError) as exc:
+            log.debug("result seq %d already removed: %s", seqs[-1], exc)  # its ack did arrive
+        except Exception as exc:  # noqa: BLE001 - e.g. reconnecting; retry until the deadline
+            if time.monotonic() > deadline:
+                log.warning("collect_results(%s): %d results not removed (%s); a later collection of the "
+                            "session sees them again", session_id, len(seqs), exc)
+                return
+            await asyncio.sleep(0.1)
+            continue
+        seqs.pop()
 
 
 def _read(msg: Msg, seen: set[str] | OrderedDict[str, None]) -> TaskResult | None:
