@@ -29,6 +29,7 @@ from liquidcrypto.nats.work_queue import (
 )
 from liquidcrypto.nats.wq import infra
 from liquidcrypto.nats.wq import results as results_mod
+from liquidcrypto.nats.wq.worker import Worker
 from tests.helpers import eventually
 
 
@@ -151,6 +152,40 @@ async def test_worker_holds_only_as_many_tasks_as_free_slots(wq: WorkQueue, clie
     assert (await wq.collect_results("s", 10, 10.0)).complete
     await stop()
     assert sorted(running) == sorted(f"t{i}" for i in range(10))
+
+
+async def test_task_arriving_without_a_free_slot_is_handed_back_to_another_worker(
+    wq: WorkQueue, client: NatsClient
+) -> None:
+    """A pull request that outlived a reconnect delivers to a busy worker: it hands the
+    task back at once instead of sitting on it while another worker idles."""
+    release = asyncio.Event()
+    ran: list[tuple[str, str]] = []
+
+    def handler(name: str) -> Any:
+        async def run(t: OrchestratorTask) -> dict[str, Any]:
+            ran.append((name, t.sub_prd_id))
+            if name == "busy":
+                await release.wait()
+            return {"success": True}
+
+        return run
+
+    busy = Worker(client, handler("busy"), concurrency=1)
+    await busy.start()
+    await wq.enqueue_orchestrator_task(task("s", "long"))
+    await eventually(lambda: ran == [("busy", "long")], what="the long task running")
+    assert busy._puller is not None
+    await busy._puller.request(1)  # the stale request: no slot behind it
+    await wq.enqueue_orchestrator_task(task("s", "next"))
+    await eventually(lambda: busy.handed_back == 1, what="task handed back")
+    stop_idle = await wq.start_orchestrator_worker(handler("idle"))
+    await eventually(lambda: ("idle", "next") in ran, what="the idle worker running it")
+    release.set()
+    assert (await wq.collect_results("s", 2, 10.0)).complete
+    await busy.stop()
+    await stop_idle()
+    assert sorted(ran) == [("busy", "long"), ("idle", "next")]
 
 
 # -- failures --------------------------------------------------------------------------

@@ -12,7 +12,8 @@ TASKS_ENQUEUED = Counter(
 TASKS_DONE = Counter(
     "liquidcrypto_wq_tasks_total",
     "Task deliveries handled by workers, by outcome "
-    "(success, retry, failure = dead-lettered, invalid = malformed/wrong result, declined, requeued)",
+    "(success, retry, failure = dead-lettered, invalid = malformed/wrong result, declined, requeued, "
+    "handed_back = arrived with no free slot)",
     ["outcome"],
 )
 OK = TASKS_DONE.labels(outcome="success")

@@ -40,6 +40,7 @@ DEFAULT_MAX_DELIVER = 5
 DEFAULT_BACKOFF: tuple[float, ...] = (1.0, 5.0, 30.0)
 DEFAULT_STOP_TIMEOUT = 30.0
 DECLINE_DELAY = 1.0
+_HANDED_BACK = metrics.TASKS_DONE.labels(outcome="handed_back")
 
 
 class Worker:
@@ -90,6 +91,7 @@ class Worker:
         self._handbacks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self.processed = 0
+        self.handed_back = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -238,8 +240,17 @@ class Worker:
                 self._wake.set()
 
     def _arrived(self, msg: Msg) -> None:
-        """A task message for one of our pull requests: queue it for a slot."""
+        """A task message for one of our pull requests: queue it for a slot.
+
+        Without a slot for it (a pull request that outlived a reconnect delivered more than
+        the free slots) it is handed back at once, never held while another worker idles.
+        """
         if self._stopping:
+            self._hand_back(msg)
+        elif len(self._busy) + self._queue.qsize() >= self.concurrency:
+            log.debug("task arrived with no free slot; handed back")
+            _HANDED_BACK.inc()
+            self.handed_back += 1
             self._hand_back(msg)
         else:
             self._queue.put_nowait(msg)
