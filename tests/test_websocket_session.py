@@ -72,6 +72,33 @@ async def test_drop_oldest_counts_and_tells_the_client_in_its_next_frame() -> No
     assert all("missed" not in f for f in sock.frames[1:])
 
 
+async def test_batch_mode_sends_the_backlog_as_newline_separated_frames_in_one_message() -> None:
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    s = ClientSession(send, QueuePolicy(queue_size=10, conflate_at=0, disconnect_after=0), batch=True)
+    s.symbols["A"] = SymbolState()
+    for seq in range(1, 13):  # 2 dropped: the first frame of the batch says so
+        s.offer_trade("A", seq, trade("A", seq))
+    writer = asyncio.ensure_future(s.run_writer())
+    for _ in range(100):
+        if s.queued == 0 and sent:
+            break
+        await asyncio.sleep(0)
+    s.offer_trade("A", 13, trade("A", 13))  # alone in the queue: a message of one frame
+    for _ in range(100):
+        if len(sent) == 2:
+            break
+        await asyncio.sleep(0)
+    writer.cancel()
+    frames = [[orjson.loads(line) for line in message.split("\n")] for message in sent]
+    assert [[f["seq"] for f in m] for m in frames] == [list(range(3, 13)), [13]]
+    assert frames[0][0]["missed"] == 2 and all("missed" not in f for f in frames[0][1:])
+    assert s.sent == 11
+
+
 async def test_conflation_keeps_the_latest_trade_per_symbol() -> None:
     s, sock = session_with(QueuePolicy(queue_size=100, conflate_at=2, disconnect_after=0), "A", "B")
     for seq in range(1, 41):

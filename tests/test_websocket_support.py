@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,26 +111,38 @@ def app_instances(n: int, env: dict[str, str], tmp: Path) -> Iterator[list[AppIn
 
 
 class WsClient:
-    """A ``websockets`` client that decodes frames and collects trades."""
+    """A ``websockets`` client that decodes frames and collects trades.
 
-    def __init__(self, conn: Any) -> None:
+    With ``batch=1`` in the URL, a message may hold several newline-separated frames;
+    otherwise a message with a newline fails the test.
+    """
+
+    def __init__(self, conn: Any, batch: bool) -> None:
         self.conn = conn
+        self.batch = batch
         self.frames: list[dict[str, Any]] = []
+        self.messages = 0
+        self._pending: deque[dict[str, Any]] = deque()
 
     @classmethod
     async def connect(cls, url: str, **kwargs: Any) -> WsClient:
         conn = await websockets.connect(url, **kwargs)
-        client = cls(conn)
+        client = cls(conn, "batch=1" in url)
         welcome = await client.recv()
-        assert welcome["type"] == "welcome", welcome
+        assert welcome["type"] == "welcome" and welcome["batch"] is client.batch, welcome
         return client
 
     async def send(self, frame: Any) -> None:
         await self.conn.send(frame if isinstance(frame, str | bytes) else orjson.dumps(frame).decode())
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.conn.recv(), timeout)
-        frame: dict[str, Any] = orjson.loads(raw)
+        if not self._pending:
+            raw = await asyncio.wait_for(self.conn.recv(), timeout)
+            text = raw if isinstance(raw, str) else raw.decode()
+            assert self.batch or "\n" not in text, "a batched message on a connection that did not ask for it"
+            self.messages += 1
+            self._pending.extend(orjson.loads(line) for line in text.split("\n"))
+        frame = self._pending.popleft()
         self.frames.append(frame)
         return frame
 

@@ -65,22 +65,29 @@ class FastClient(asyncio.Protocol):
 
 
 def worker_main() -> None:
-    """A client worker process: ``argv[1]`` is JSON ``{"urls": [...], "count": n}``.
+    """A client worker process: ``argv[1]`` is JSON ``{"urls": [...], "count": n, "batch": b}``.
 
     Prints ``ready`` once its clients are subscribed, reads until a line arrives on
     stdin, then prints its report as one JSON line.
     """
     spec = orjson.loads(sys.argv[1])
-    asyncio.run(_clients(spec["urls"], spec["count"]))
+    asyncio.run(_clients(spec["urls"], spec["count"], spec.get("batch", False)))
 
 
-async def _clients(urls: list[str], count: int) -> None:
+async def _clients(urls: list[str], count: int, batch: bool) -> None:
     received = 0
     missed = 0
     last = 0.0
     latencies: list[float] = []
     subscribed = 0
     all_subscribed = asyncio.Event()
+
+    def on_message(raw: bytes) -> None:
+        if batch:  # newline-separated frames (``/ws?batch=1``)
+            for line in raw.split(b"\n"):
+                on_text(line)
+        else:
+            on_text(raw)
 
     def on_text(raw: bytes) -> None:
         nonlocal received, missed, last, subscribed
@@ -100,10 +107,10 @@ async def _clients(urls: list[str], count: int) -> None:
     clients: list[FastClient] = []
     subscribe = orjson.dumps({"action": "subscribe", "symbols": [SYMBOL]}).decode()
     for i in range(count):
-        url = urls[i % len(urls)]
+        url = urls[i % len(urls)] + ("?batch=1" if batch else "")
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        _, client = await loop.create_connection(functools.partial(FastClient, url, on_text), host, port)
+        _, client = await loop.create_connection(functools.partial(FastClient, url, on_message), host, port)
         await asyncio.wait_for(client.opened.wait(), 30)
         client.send_text(subscribe)
         clients.append(client)

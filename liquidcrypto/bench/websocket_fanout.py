@@ -295,6 +295,7 @@ async def run_case(
     rate: float,
     seconds: float,
     publish: Callable[[float, float], Awaitable[int]],
+    batch: bool = True,
 ) -> Result:
     rss0 = sum(a.rss() for a in instances)
     lost0 = await lost_frames(instances)
@@ -303,7 +304,7 @@ async def run_case(
     workers = []
     code = "from liquidcrypto.bench.websocket_clients import worker_main; worker_main()"
     for n in per:
-        spec = orjson.dumps({"urls": urls, "count": n}).decode()
+        spec = orjson.dumps({"urls": urls, "count": n, "batch": batch}).decode()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
@@ -401,7 +402,9 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
                         return int(r.json()["sent"])
 
                 for n in args.clients:
-                    results.append(await run_case("in-process", [app], n, args.rate, args.seconds, publish_inside))
+                    results.append(await run_case(
+                        "in-process", [app], n, args.rate, args.seconds, publish_inside, args.batch
+                    ))
 
         srv = NatsServer(tmp / "nats")
         srv.start()
@@ -431,7 +434,9 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
                         with apps("liquidcrypto.app:create_app", 2, env, log) as instances:
                             for n in args.clients:
                                 results.append(
-                                    await run_case(backend, instances, n, args.rate, args.seconds, publish_via)
+                                    await run_case(
+                                        backend, instances, n, args.rate, args.seconds, publish_via, args.batch
+                                    )
                                 )
                             if backend == "nats" and not args.quick:
                                 notes.append(
@@ -445,8 +450,9 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
     return results, notes
 
 
-def print_table(results: list[Result], notes: list[str], console: Console) -> None:
-    table = Table(title="WebSocket fan-out: trades published -> frames received by every client")
+def print_table(results: list[Result], notes: list[str], console: Console, batch: bool = True) -> None:
+    mode = "clients on /ws?batch=1" if batch else "clients on /ws, one frame per message"
+    table = Table(title=f"WebSocket fan-out: trades published -> frames received by every client ({mode})")
     for col in (
         "backend",
         "clients",
@@ -492,11 +498,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="publishing time per case")
     parser.add_argument("--queue", type=int, default=1024, help="WS_QUEUE_SIZE of the apps")
     parser.add_argument("--backends", default="in-process,nats,redis")
+    parser.add_argument(
+        "--batch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clients ask for newline-batched messages (/ws?batch=1); --no-batch: one frame per message",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.rate, args.seconds = "10", 200.0, 1.0
     args.clients = [int(c) for c in str(args.clients).split(",")]
     args.backends = [b.strip() for b in args.backends.split(",")]
     results, notes = asyncio.run(run(args))
-    print_table(results, notes, Console(width=150))
+    print_table(results, notes, Console(width=150), args.batch)
     return 0

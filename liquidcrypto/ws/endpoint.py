@@ -4,7 +4,8 @@ Per connection: one reader (this coroutine), one writer task draining the sessio
 queue, and a replay task per history request; all are owned by the session and
 cancelled when the client leaves or is closed. Bad frames get an ``error`` frame; after
 ``WS_MAX_BAD_FRAMES`` of them the client is closed with 1008. A client that left is
-logged at debug level, not as an error.
+logged at debug level, not as an error. ``/ws?batch=1`` asks for newline-batched
+messages (see ``session``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from liquidcrypto.ws.session import CLOSE_POLICY, CLOSE_TRY_AGAIN, ClientSession
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 2.0
+BATCH_ON = frozenset({"1", "true", "yes", "on"})
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -40,7 +42,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         log.warning("rejecting /ws client %s: %d clients connected", peer, manager.client_count)
         await websocket.close(code=CLOSE_TRY_AGAIN, reason=f"server full ({settings.ws_max_clients} clients)")
         return
-    session = ClientSession(websocket.send_text, manager.queue_policy, name=peer)
+    batch = websocket.query_params.get("batch", "").lower() in BATCH_ON
+    session = ClientSession(websocket.send_text, manager.queue_policy, name=peer, batch=batch)
     manager.register(session)
     session.offer(
         protocol.frame(
@@ -48,6 +51,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             instance=manager.instance_id,
             backend=manager.backend_name,
             history=manager.backend.supports_history,
+            batch=batch,
         )
     )
     writer = session.spawn(_write(session), "writer")
