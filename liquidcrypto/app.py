@@ -6,6 +6,7 @@ the service starts and serves in degraded mode when NATS is down) and closes it 
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,24 @@ from liquidcrypto.websocket_nats import NatsWebSocketManager, websocket_endpoint
 STATIC_DIR = Path(__file__).parent / "static"
 
 log = logging.getLogger(__name__)
+
+
+def tune_gc(gen0_threshold: int) -> None:
+    """Latency tuning of the garbage collector for a long-running service.
+
+    The objects made at start-up (modules, app, connections) are moved out of the
+    collector's sight (``gc.freeze``), and generation 0 is collected every
+    ``gen0_threshold`` net allocations instead of 700. Frames queued for clients count
+    as allocations, so with Python's default a busy fan-out runs the collector hundreds
+    of times a second and a full pass over every live object now and then: pauses
+    measured at up to 100 ms on a loaded machine (p99 latency). 0 leaves Python's default.
+    """
+    if gen0_threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, gen1, gen2)
 
 
 async def nats_health(request: Request) -> JSONResponse:
@@ -65,6 +84,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             await ws_manager.init()
             app.state.ws_manager = ws_manager
+            tune_gc(settings.gc_gen0_threshold)
             yield
         finally:
             await ws_manager.close()

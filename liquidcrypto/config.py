@@ -68,11 +68,13 @@ class Settings:
     ws_queue_size: int = 1024
     ws_conflate_at: int = 256
     ws_disconnect_after: int = 4096
+    ws_write_delay: float = 0.0
     ws_publish_window: int = 1024
     ws_history_max: int = 10_000
     ws_max_bad_frames: int = 10
     a2a_agent_ttl: float = 30.0
     a2a_heartbeat_interval: float = 10.0
+    gc_gen0_threshold: int = 50_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,11 +116,13 @@ class Settings:
             ws_queue_size=_int(e, "WS_QUEUE_SIZE", 1024),
             ws_conflate_at=_int(e, "WS_CONFLATE_AT", 256),
             ws_disconnect_after=_int(e, "WS_DISCONNECT_AFTER", 4096),
+            ws_write_delay=_float(e, "WS_WRITE_DELAY", 0.0),
             ws_publish_window=_int(e, "WS_PUBLISH_WINDOW", 1024),
             ws_history_max=_int(e, "WS_HISTORY_MAX", 10_000),
             ws_max_bad_frames=_int(e, "WS_MAX_BAD_FRAMES", 10),
             a2a_agent_ttl=_float(e, "A2A_AGENT_TTL", 30.0),
             a2a_heartbeat_interval=_float(e, "A2A_HEARTBEAT_INTERVAL", 10.0),
+            gc_gen0_threshold=_int(e, "GC_GEN0_THRESHOLD", 50_000),
         )
 
     def nats_servers(self) -> list[str]:

@@ -18,6 +18,10 @@ Targets (issue 5): nats >= 70 % of the in-process baseline's delivered frames/s;
 p99 < 50 ms at 100 clients x 1,000 trades/s; a stalled client costs bounded memory
 (the stalled-client row: RSS growth of an app while one client never reads).
 
+By default the clients ask for newline-batched messages (``/ws?batch=1``) and the apps
+run with ``WS_WRITE_DELAY=0.005``, the configuration for high-rate clients;
+``--no-batch --write-delay 0`` measures plain one-frame-per-message clients.
+
 ``python benchmarks/websocket_fanout.py [--quick] [--clients 100,1000] [--rate 1000] [--seconds 4]``
 """
 
@@ -126,6 +130,7 @@ def baseline_app() -> Any:
     from starlette.responses import JSONResponse
     from starlette.routing import Route, WebSocketRoute
 
+    from liquidcrypto.app import tune_gc
     from liquidcrypto.websocket_nats import NatsWebSocketManager, websocket_endpoint
 
     settings = Settings.from_env()
@@ -135,6 +140,7 @@ def baseline_app() -> Any:
         manager = NatsWebSocketManager(settings=settings, transport=MemoryBackend())
         await manager.init()
         app.state.ws_manager = manager
+        tune_gc(settings.gc_gen0_threshold)  # as the real app does
         try:
             yield
         finally:
@@ -389,7 +395,11 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
     with tempfile.TemporaryDirectory(prefix="lc-ws-bench-") as tmpdir:
         tmp = Path(tmpdir)
         log = tmp / "apps.log"
-        base_env = {"WS_MAX_CLIENTS": "100000", "WS_QUEUE_SIZE": str(args.queue)}
+        base_env = {
+            "WS_MAX_CLIENTS": "100000",
+            "WS_QUEUE_SIZE": str(args.queue),
+            "WS_WRITE_DELAY": str(args.write_delay),
+        }
 
         if "in-process" in args.backends:
             with apps("liquidcrypto.bench.websocket_fanout:baseline_app", 1, base_env, log) as (app,):
@@ -450,8 +460,14 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
     return results, notes
 
 
-def print_table(results: list[Result], notes: list[str], console: Console, batch: bool = True) -> None:
-    mode = "clients on /ws?batch=1" if batch else "clients on /ws, one frame per message"
+def print_table(
+    results: list[Result], notes: list[str], console: Console, batch: bool = True, write_delay: float = 0.0
+) -> None:
+    mode = (
+        f"clients on /ws?batch=1, WS_WRITE_DELAY={write_delay * 1000:g} ms"
+        if batch
+        else "clients on /ws, one frame per message"
+    )
     table = Table(title=f"WebSocket fan-out: trades published -> frames received by every client ({mode})")
     for col in (
         "backend",
@@ -504,11 +520,17 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="clients ask for newline-batched messages (/ws?batch=1); --no-batch: one frame per message",
     )
+    parser.add_argument(
+        "--write-delay",
+        type=float,
+        default=0.005,
+        help="WS_WRITE_DELAY of the apps: seconds a batching client's writer collects frames (0: none)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.rate, args.seconds = "10", 200.0, 1.0
     args.clients = [int(c) for c in str(args.clients).split(",")]
     args.backends = [b.strip() for b in args.backends.split(",")]
     results, notes = asyncio.run(run(args))
-    print_table(results, notes, Console(width=150), args.batch)
+    print_table(results, notes, Console(width=150), args.batch, args.write_delay)
     return 0

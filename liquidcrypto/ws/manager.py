@@ -121,6 +121,7 @@ class NatsWebSocketManager:
             queue_size=self.settings.ws_queue_size,
             conflate_at=self.settings.ws_conflate_at,
             disconnect_after=self.settings.ws_disconnect_after,
+            write_delay=self.settings.ws_write_delay,
         )
         self._client = client
         self._transport = transport

@@ -1,9 +1,11 @@
 """The NATS backend: trades in the ``TRADE_EVENTS`` stream, one push consumer per symbol.
 
 - **Publish** (hop 1): ``js.publish_async`` inside a bounded in-flight window of
-  un-acknowledged publications; a full window makes the caller wait. One owned task
-  collects the acks in order; a failed or missing ack is retried with the same
-  ``Nats-Msg-Id`` (the stream drops a duplicate), then counted and logged as failed.
+  un-acknowledged publications; a full window makes the caller wait. Each ack frees
+  its slot from the future's callback (no task or timer per trade); a watchdog task
+  retries publications whose ack is missing after ``ack_timeout``. A failed or missing
+  ack is retried with the same ``Nats-Msg-Id`` (the stream drops a duplicate), then
+  counted and logged as failed; the slot stays taken until then.
 - **Feeds** (hop 2): per symbol, a push consumer (no acks, no flow control) delivering
   new messages with their stream sequence, with explicit pending limits. A jump in the
   consumer sequence (slow-consumer drops) recreates it right after the last delivered
@@ -16,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ FEED_DROP_CHECK_INTERVAL = 1.0
 FEED_PENDING_BYTES = 64 * 1024 * 1024
 _YIELD_EVERY = 256
 _DISPATCH_YIELD_EVERY = 16
+_PUBLISHED = metrics.PUBLISHED.labels("nats")
 
 
 @dataclass(eq=False)
@@ -75,7 +78,8 @@ class NatsBackend:
         self.ack_timeout = ack_timeout
         self.retries = retries
         self._slots = asyncio.Semaphore(window)
-        self._inflight: deque[_InFlight] = deque()
+        self._inflight: dict[str, _InFlight] = {}  # by message id, oldest first
+        self._retrying = 0
         self._has_inflight = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -109,10 +113,11 @@ class NatsBackend:
             pending_bytes_limit=FEED_PENDING_BYTES,
         )
         await self._flush_subscriptions()
-        self._acker = asyncio.ensure_future(self._collect_acks())
-        self._acker.set_name("ws-nats-acks")
+        self._acker = asyncio.ensure_future(self._ack_watchdog())
+        self._acker.set_name("ws-nats-ack-watchdog")
         self._spawn(self._watch_drops(), "ws-feed-drop-watch")
         metrics.SLOW_CONSUMER.set_function(lambda: self.client.slow_consumer_events)
+        metrics.PUBLISH_INFLIGHT.set_function(lambda: len(self._inflight) + self._retrying)
 
     async def _flush_subscriptions(self) -> None:
         """Round trip to the server so a subscription just made is in place on return."""
@@ -165,36 +170,61 @@ class NatsBackend:
         except BaseException:
             self._slots.release()
             raise
-        self._inflight.append(_InFlight(future, subject, payload, msg_id, time.monotonic()))
+        item = _InFlight(future, subject, payload, msg_id, time.monotonic())
+        self._inflight[msg_id] = item
         self._drained.clear()
         self._has_inflight.set()
-        metrics.PUBLISH_INFLIGHT.set(len(self._inflight))
+        future.add_done_callback(functools.partial(self._on_ack, item))
         self._published += 1
         if self._published % _YIELD_EVERY == 0:
             # nats-py's publish never yields; let subscribers in this process run.
             await asyncio.sleep(0)
 
-    async def _collect_acks(self) -> None:
+    def _on_ack(self, item: _InFlight, future: asyncio.Future[PubAck]) -> None:
+        """The ack (or error) of one publication: free its slot, or retry it."""
+        if self._inflight.pop(item.msg_id, None) is None:
+            return  # timed out already: the watchdog retries it
+        error = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if error is None:
+            self.acked += 1
+            _PUBLISHED.inc()
+            self._release()
+        else:
+            self._spawn_retry(item, error)
+
+    def _release(self) -> None:
+        self._slots.release()
+        if not self._inflight and not self._retrying:
+            self._drained.set()
+
+    def _spawn_retry(self, item: _InFlight, error: BaseException) -> None:
+        """Retry ``item`` in a task; its window slot stays taken until that is over."""
+        self._retrying += 1
+
+        async def retry() -> None:
+            try:
+                await self._retry(item, error)
+            finally:
+                self._retrying -= 1
+                self._release()
+
+        self._spawn(retry(), f"ws-publish-retry:{item.msg_id}")
+
+    async def _ack_watchdog(self) -> None:
+        """Retry publications whose ack did not come within ``ack_timeout`` (oldest first)."""
         while True:
             if not self._inflight:
-                self._drained.set()
                 self._has_inflight.clear()
                 await self._has_inflight.wait()
                 continue
-            item = self._inflight[0]
-            try:
-                remaining = max(0.0, item.started + self.ack_timeout - time.monotonic())
-                await asyncio.wait_for(item.future, timeout=remaining)
-                self.acked += 1
-                metrics.PUBLISHED.labels("nats").inc()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every failure is retried, then counted
-                await self._retry(item, exc)
-            finally:
-                self._inflight.popleft()
-                self._slots.release()
-                metrics.PUBLISH_INFLIGHT.set(len(self._inflight))
+            oldest = next(iter(self._inflight.values()))
+            wait = oldest.started + self.ack_timeout - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            del self._inflight[oldest.msg_id]
+            oldest.future.cancel()  # frees nats-py's pending slot; a late ack is ignored
+            self._spawn_retry(oldest, TimeoutError(f"no JetStream ack within {self.ack_timeout:g} s"))
 
     async def _retry(self, item: _InFlight, first: BaseException) -> None:
         error: BaseException = first
@@ -207,7 +237,7 @@ class NatsBackend:
                 )
                 log.info("trade on %s stored at seq %s after retry %d (%s)", item.subject, ack.seq, attempt, first)
                 self.acked += 1
-                metrics.PUBLISHED.labels("nats").inc()
+                _PUBLISHED.inc()
                 return
             except asyncio.CancelledError:
                 raise
@@ -425,7 +455,8 @@ class NatsBackend:
             "published": self._published,
             "acked": self.acked,
             "failed": self.failed,
-            "inflight": len(self._inflight),
+            "inflight": len(self._inflight) + self._retrying,
+            "retrying": self._retrying,
             "window": self.window,
             "window_waits": self.window_waits,
             "feeds": len(self._feeds),

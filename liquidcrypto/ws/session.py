@@ -73,15 +73,20 @@ class QueuePolicy:
         conflate_at: queue length from which trades are conflated per symbol (0: never).
         disconnect_after: frames lost since the last successful send that close the
             client with 1013 (0: never).
+        write_delay: seconds a batching client's writer waits after its queue went from
+            empty to non-empty, to collect more frames into the message (0: none).
     """
 
     queue_size: int = 1024
     conflate_at: int = 256
     disconnect_after: int = 4096
+    write_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, not {self.queue_size}")
+        if not 0 <= self.write_delay <= 1:
+            raise ValueError(f"write_delay must be between 0 and 1 s, not {self.write_delay}")
 
 
 class ClientSession:
@@ -249,6 +254,7 @@ class ClientSession:
         """Send queued frames until cancelled or kicked."""
         queue = self._queue
         soft_limit = self._soft_limit()
+        delay = self.policy.write_delay if self.batch else 0.0
         unreported = 0  # frames sent but not yet added to the Prometheus counter
         try:
             while not self.kicked.is_set():
@@ -258,6 +264,8 @@ class ClientSession:
                         unreported = 0
                     self._wake.clear()
                     await self._wake.wait()
+                    if delay:
+                        await asyncio.sleep(delay)
                     continue
                 text = self._take()
                 frames = 1
