@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -460,6 +460,15 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
     return results, notes
 
 
+def run_loop(main: Coroutine[Any, Any, tuple[list[Result], list[str]]]) -> tuple[list[Result], list[str]]:
+    """Run the publisher's event loop on uvloop when installed (as uvicorn runs the apps)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - plain asyncio works too
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def print_table(
     results: list[Result], notes: list[str], console: Console, batch: bool = True, write_delay: float = 0.0
 ) -> None:
@@ -531,6 +540,6 @@ def main(argv: list[str] | None = None) -> int:
         args.clients, args.rate, args.seconds = "10", 200.0, 1.0
     args.clients = [int(c) for c in str(args.clients).split(",")]
     args.backends = [b.strip() for b in args.backends.split(",")]
-    results, notes = asyncio.run(run(args))
+    results, notes = run_loop(run(args))
     print_table(results, notes, Console(width=150), args.batch, args.write_delay)
     return 0
