@@ -90,6 +90,9 @@ class Settings:
         replicas = _int(e, "NATS_JS_REPLICAS", 1)
         if not 1 <= replicas <= 5:
             raise ValueError(f"environment variable NATS_JS_REPLICAS={replicas} must be between 1 and 5")
+        write_delay = _float(e, "WS_WRITE_DELAY", 0.0)
+        if not 0 <= write_delay <= 1:
+            raise ValueError(f"environment variable WS_WRITE_DELAY={write_delay:g} must be 0 to 1 seconds")
         return cls(
             nats_url=e.get("NATS_URL") or DEFAULT_NATS_URL,
             js_replicas=replicas,
@@ -116,7 +119,7 @@ class Settings:
             ws_queue_size=_int(e, "WS_QUEUE_SIZE", 1024),
             ws_conflate_at=_int(e, "WS_CONFLATE_AT", 256),
             ws_disconnect_after=_int(e, "WS_DISCONNECT_AFTER", 4096),
-            ws_write_delay=_float(e, "WS_WRITE_DELAY", 0.0),
+            ws_write_delay=write_delay,
             ws_publish_window=_int(e, "WS_PUBLISH_WINDOW", 1024),
             ws_history_max=_int(e, "WS_HISTORY_MAX", 10_000),
             ws_max_bad_frames=_int(e, "WS_MAX_BAD_FRAMES", 10),

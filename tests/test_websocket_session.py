@@ -99,6 +99,31 @@ async def test_batch_mode_sends_the_backlog_as_newline_separated_frames_in_one_m
     assert s.sent == 11
 
 
+@pytest.mark.parametrize(("delay", "messages"), [(0.0, 2), (0.3, 1)])
+async def test_write_delay_collects_frames_arriving_after_the_first(delay: float, messages: int) -> None:
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    policy = QueuePolicy(queue_size=10, conflate_at=0, disconnect_after=0, write_delay=delay)
+    s = ClientSession(send, policy, batch=True)
+    s.symbols["A"] = SymbolState()
+    writer = asyncio.ensure_future(s.run_writer())
+    await asyncio.sleep(0.01)
+    s.offer_trade("A", 1, trade("A", 1))
+    await asyncio.sleep(0.05)  # within the delay, well after an immediate send
+    s.offer_trade("A", 2, trade("A", 2))
+    for _ in range(200):
+        if s.sent == 2:
+            break
+        await asyncio.sleep(0.01)
+    writer.cancel()
+    assert s.sent == 2 and len(sent) == messages
+    with pytest.raises(ValueError, match="write_delay"):
+        QueuePolicy(write_delay=2)
+
+
 async def test_conflation_keeps_the_latest_trade_per_symbol() -> None:
     s, sock = session_with(QueuePolicy(queue_size=100, conflate_at=2, disconnect_after=0), "A", "B")
     for seq in range(1, 41):
