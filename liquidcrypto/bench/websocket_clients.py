@@ -13,8 +13,8 @@ import functools
 import gc
 import sys
 import time
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import orjson
@@ -24,6 +24,7 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 SYMBOL = "BENCH"
+T = TypeVar("T")
 
 
 class FastClient(asyncio.Protocol):
@@ -75,13 +76,17 @@ def worker_main() -> None:
     # A measuring client: no collector pauses in the latencies it records (it makes no cycles).
     gc.freeze()
     gc.disable()
-    main = _clients(spec["urls"], spec["count"], spec.get("batch", False))
+    run_loop(_clients(spec["urls"], spec["count"], spec.get("batch", False)))
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when installed (it comes with uvicorn[standard] and is what
+    uvicorn runs the apps on), else on asyncio; for the benchmark's own processes."""
     try:
-        import uvloop  # installed with uvicorn[standard]: a cheaper event loop for the clients
+        import uvloop
     except ImportError:  # pragma: no cover - plain asyncio works too
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def _clients(urls: list[str], count: int, batch: bool) -> None:

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,6 +48,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from liquidcrypto.bench.websocket_clients import run_loop
 from liquidcrypto.config import Settings
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer, free_port
@@ -458,15 +459,6 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
         finally:
             srv.stop()
     return results, notes
-
-
-def run_loop(main: Coroutine[Any, Any, tuple[list[Result], list[str]]]) -> tuple[list[Result], list[str]]:
-    """Run the publisher's event loop on uvloop when installed (as uvicorn runs the apps)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - plain asyncio works too
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def print_table(
