@@ -322,7 +322,8 @@ class NatsClient:
         return opts
 
     def _enter_degraded(self) -> None:
-        if self.state is not ConnectionState.DEGRADED and self.state is not ConnectionState.CLOSED:
+        # Only from CONNECTING: a connection that became CONNECTED meanwhile stays so.
+        if self.state is ConnectionState.CONNECTING:
             self.state = ConnectionState.DEGRADED
             DISCONNECTS.inc()
             log.warning(DEGRADED_LINE)
