@@ -180,6 +180,20 @@ async def test_queue_group_delivers_each_message_to_one_member(client: NatsClien
     assert all(seen), "every member of the group received work"
 
 
+async def test_flush_makes_a_new_subscription_receive_the_next_publish(
+    client: NatsClient, make_client: MakeClient
+) -> None:
+    # nats-py's own flush() can return before the server saw the SUB (see flush_barrier).
+    publisher = await make_client()
+    received: list[int] = []
+    for n in range(200):
+        await client.subscribe(f"barrier.{n}", received.append)
+        await client.flush()
+        await publisher.publish(f"barrier.{n}", n)
+    await eventually(lambda: len(received) == 200, what="200 deliveries", timeout=10)
+    assert sorted(received) == list(range(200))
+
+
 async def test_bad_subjects_are_refused_before_sending(client: NatsClient) -> None:
     for bad in ["", "a..b", "a.*", "with space"]:
         with pytest.raises(InvalidSubjectError):

@@ -112,7 +112,6 @@ class NatsBackend:
             pending_msgs_limit=FEED_PENDING_MSGS,
             pending_bytes_limit=FEED_PENDING_BYTES,
         )
-        await self._flush_subscriptions()
         self._acker = asyncio.ensure_future(self._ack_watchdog())
         self._acker.set_name("ws-nats-ack-watchdog")
         self._spawn(self._watch_drops(), "ws-feed-drop-watch")
@@ -123,7 +122,7 @@ class NatsBackend:
         """Round trip to the server so a subscription just made is in place on return."""
         if self.client.is_connected:
             try:
-                await self.client.nc.flush(timeout=5)
+                await self.client.flush(5)
             except (nats.errors.Error, TimeoutError) as exc:
                 log.debug("flush after subscribing: %r", exc)
 

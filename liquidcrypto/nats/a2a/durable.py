@@ -253,7 +253,7 @@ class DurableSubscription:
         if psub is not None:
             try:
                 await psub.unsubscribe()
-                await self.client.nc.flush(timeout=2)  # acks reach the server before we return
+                await self.client.flush(2)  # acks reach the server before we return
             except Exception as exc:  # noqa: BLE001 - stopping must not raise
                 log.debug("durable %s: unsubscribe/flush failed: %s", self.durable, exc)
 
