@@ -42,7 +42,7 @@ from liquidcrypto.config import Settings
 from liquidcrypto.nats import streams
 from liquidcrypto.nats.a2a.bus import A2ABus
 from liquidcrypto.nats.a2a.envelope import Envelope, new_id
-from liquidcrypto.nats.client import NatsClient
+from liquidcrypto.nats.client import NatsClient, flush_barrier
 from liquidcrypto.nats.embedded import NatsServer
 
 SUBJECT = "agents.bench.events.tick"
@@ -133,7 +133,7 @@ async def bench_core(url: str, n: int, rounds: int) -> tuple[Row, ...]:
     # runs in the same position (measured to shift a block by ~10 us on a busy machine).
     raw_s = await raw_sub.subscribe(RAW_SUBJECT, cb=raw_cb)
     bus_s = await bus_sub.subscribe_to_events("bench.events.tick", bus_handler)
-    await raw_sub.flush()
+    await flush_barrier(raw_sub, 5)  # nats-py's flush() alone can overtake the SUB
     await sub_client.flush()
     await raw_pub.flush()
 
@@ -181,7 +181,7 @@ async def bench_core(url: str, n: int, rounds: int) -> tuple[Row, ...]:
 
     total = max(20_000, n * 10) if rounds > 4 else 2_000
     raw_s = await raw_sub.subscribe(RAW_SUBJECT, cb=raw_cb, pending_msgs_limit=total * 2)
-    await raw_sub.flush()
+    await flush_barrier(raw_sub, 5)  # nats-py's flush() alone can overtake the SUB
     raw_tp = await throughput(raw_send, total, "raw")
     await raw_s.unsubscribe()
     bus_s = await bus_sub.subscribe_to_events("bench.events.tick", bus_handler)
