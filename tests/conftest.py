@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from liquidcrypto.config import Settings
+from liquidcrypto.nats.a2a_bus import A2ABus
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsCluster, NatsServer, free_port
 
@@ -51,6 +52,16 @@ async def client(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture
+async def bus(client: NatsClient) -> AsyncIterator[A2ABus]:
+    """An A2A bus on ``client`` (closed at the end)."""
+    b = A2ABus(client)
+    try:
+        yield b
+    finally:
+        await b.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -24,15 +23,6 @@ from liquidcrypto.nats.a2a import envelope as env_mod
 from liquidcrypto.nats.a2a_bus import A2ABus, Envelope, Kind, reply
 from liquidcrypto.nats.client import NatsClient
 from tests.helpers import eventually
-
-
-@pytest.fixture
-async def bus(client: NatsClient) -> AsyncIterator[A2ABus]:
-    b = A2ABus(client)
-    try:
-        yield b
-    finally:
-        await b.close()
 
 
 async def stored(client: NatsClient, seq: int) -> tuple[str, dict[str, Any], dict[str, str]]:

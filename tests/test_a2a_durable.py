@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,15 +14,6 @@ from liquidcrypto.nats.a2a_bus import A2ABus, DurableSubscription, Envelope
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer
 from tests.helpers import eventually
-
-
-@pytest.fixture
-async def bus(client: NatsClient) -> AsyncIterator[A2ABus]:
-    b = A2ABus(client)
-    try:
-        yield b
-    finally:
-        await b.close()
 
 
 async def consumer(client: NatsClient, name: str) -> Any:

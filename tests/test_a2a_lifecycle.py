@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -12,18 +11,7 @@ from liquidcrypto.config import Settings
 from liquidcrypto.errors import IllegalTransitionError
 from liquidcrypto.nats.a2a.lifecycle import TRANSITIONS, check_transition
 from liquidcrypto.nats.a2a_bus import A2ABus, AgentCard, Envelope, TaskState, TaskStateChange
-from liquidcrypto.nats.client import NatsClient
 from tests.helpers import eventually
-
-
-@pytest.fixture
-async def bus(client: NatsClient) -> AsyncIterator[A2ABus]:
-    b = A2ABus(client)
-    try:
-        yield b
-    finally:
-        await b.close()
-
 
 # -- task lifecycle -----------------------------------------------------------------
 

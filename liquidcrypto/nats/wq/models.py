@@ -49,14 +49,11 @@ class _Wire(BaseModel):
             raise InvalidPayloadError(f"cannot encode {type(self).__name__} as JSON: {exc}") from exc
 
 
-class OrchestratorTask(_Wire):
-    """One sub-PRD for a specialist agent (the spec's task)."""
+class _SubPrd(_Wire):
+    """The ids naming one sub-PRD of a session; each is one subject token."""
 
     session_id: str
     sub_prd_id: str
-    specialist: str | None = None
-    payload: Any = None
-    created_at: int = Field(default_factory=now_ms)
 
     @field_validator("session_id")
     @classmethod
@@ -67,6 +64,14 @@ class OrchestratorTask(_Wire):
     @classmethod
     def _sub_prd(cls, v: str) -> str:
         return subjects.token(v, "sub_prd_id")
+
+
+class OrchestratorTask(_SubPrd):
+    """One sub-PRD for a specialist agent (the spec's task)."""
+
+    specialist: str | None = None
+    payload: Any = None
+    created_at: int = Field(default_factory=now_ms)
 
     @field_validator("specialist")
     @classmethod
@@ -84,25 +89,13 @@ class OrchestratorTask(_Wire):
         return f"{self.session_id}.{self.sub_prd_id}"
 
 
-class TaskResult(_Wire):
+class TaskResult(_SubPrd):
     """The outcome of one task (the spec's result)."""
 
-    session_id: str
-    sub_prd_id: str
     success: bool
     result: Any = None
     error: str | None = None
     completed_at: int = Field(default_factory=now_ms)
-
-    @field_validator("session_id")
-    @classmethod
-    def _session(cls, v: str) -> str:
-        return subjects.token(v, "session_id")
-
-    @field_validator("sub_prd_id")
-    @classmethod
-    def _sub_prd(cls, v: str) -> str:
-        return subjects.token(v, "sub_prd_id")
 
     @property
     def subject(self) -> str:
