@@ -637,7 +637,8 @@ async def flush_barrier(nc: NatsConnection, timeout: float) -> None:
     missed the next message from another connection in about 5 % of fresh connections.
     Waiting for the flusher to write the queue first restores the order.
     """
-    await nc._flush_pending(force_flush=True)
+    # nats-py waits for its flusher without a deadline unless flush_timeout is set.
+    await asyncio.wait_for(nc._flush_pending(force_flush=True), timeout)
     await nc.flush(timeout=max(1, round(timeout)))
 
 
