@@ -631,7 +631,7 @@ class NatsClient:
 async def flush_barrier(nc: NatsConnection, timeout: float) -> None:
     """``nc.flush()`` that is a real barrier.
 
-    nats-py (2.15, 2.16) writes the PING of ``flush()`` straight to the socket, ahead of
+    nats-py (2.9 to 2.16) writes the PING of ``flush()`` straight to the socket, ahead of
     the commands still queued for its flusher task, so the PONG can come back before
     the server has seen a SUB or PUB made just before: measured, a subscription then
     missed the next message from another connection in about 5 % of fresh connections.
