@@ -59,6 +59,16 @@ async def test_same_api_across_instances_with_sequences(make_manager: MakeManage
         await a.publish_trade_event("BTC.USD", {})
 
 
+async def test_a_trade_published_right_after_subscribing_arrives(make_manager: MakeManager) -> None:
+    a, b = await make_manager(), await make_manager()
+    got: list[Any] = []
+    for n in range(100):
+        await a.subscribe_to_trade_events(f"SUB{n}", got.append)  # returns once Redis confirmed
+        await b.publish_trade_event(f"SUB{n}", {"n": n})
+    await eventually(lambda: len(got) == 100, what="100 trades")
+    assert sorted(d["n"] for d in got) == list(range(100))
+
+
 async def test_broadcast(make_manager: MakeManager) -> None:
     a, b = await make_manager(), await make_manager()
     await a.broadcast({"notice": "hello"})

@@ -36,6 +36,7 @@ redis.call('PUBLISH', ARGV[1], seq .. '\\n' .. ARGV[2])
 return seq
 """
 _TRADE_PREFIX = subjects.TRADES + "."
+SUBSCRIBE_CONFIRM_TIMEOUT = 5.0  # seconds open_feed waits for Redis to confirm a subscription
 
 
 class RedisBackendError(NatsUnavailableError):
@@ -64,6 +65,7 @@ class RedisBackend:
         self._on_trade: OnTrade | None = None
         self._on_broadcast: OnBroadcast | None = None
         self._subscribed = asyncio.Event()
+        self._confirming: dict[str, asyncio.Future[None]] = {}
         self.published = 0
         self.failed = 0
         self.gaps = 0
@@ -76,7 +78,7 @@ class RedisBackend:
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._script = self._redis.register_script(_PUBLISH)
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = self._redis.pubsub()
         try:
             await self._pubsub.subscribe(subjects.WS_BROADCAST)
             self._subscribed.set()
@@ -127,17 +129,32 @@ class RedisBackend:
             raise RedisBackendError(f"Redis unavailable; broadcast not sent: {exc!r}") from exc
 
     async def open_feed(self, symbol: str) -> None:
+        """Subscribe to the symbol's channel; returns once Redis confirmed it, so a trade
+        published next from any instance arrives."""
         channel = subjects.trade(symbol)
         if symbol in self._feeds:
             return
         self._last_seq.pop(symbol, None)
+        confirmed = self._confirming[channel] = asyncio.get_running_loop().create_future()
         try:
-            await self._pubsub.subscribe(channel)
-        except (RedisError, OSError) as exc:
-            raise RedisBackendError(f"cannot subscribe to {channel!r} on Redis: {exc!r}") from exc
-        self._feeds.add(symbol)
-        self._subscribed.set()
-        metrics.FEEDS.inc()
+            try:
+                await self._pubsub.subscribe(channel)
+            except (RedisError, OSError) as exc:
+                raise RedisBackendError(f"cannot subscribe to {channel!r} on Redis: {exc!r}") from exc
+            self._feeds.add(symbol)
+            self._subscribed.set()
+            metrics.FEEDS.inc()
+            await asyncio.wait_for(confirmed, SUBSCRIBE_CONFIRM_TIMEOUT)
+        except TimeoutError:
+            log.warning("Redis did not confirm the subscription to %s within %g s", channel, SUBSCRIBE_CONFIRM_TIMEOUT)
+        finally:
+            self._confirming.pop(channel, None)
+
+    def _confirmed(self, channel: bytes | str) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        waiter = self._confirming.get(name)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def close_feed(self, symbol: str) -> None:
         if symbol not in self._feeds:
@@ -161,7 +178,7 @@ class RedisBackend:
                 if not self._subscribed.is_set():
                     await self._pubsub.subscribe(subjects.WS_BROADCAST)
                     self._subscribed.set()
-                msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                msg = await self._pubsub.get_message(timeout=1.0)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -170,7 +187,11 @@ class RedisBackend:
                 log.warning("Redis subscriber error (%r); retrying", exc)
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))
                 continue
-            if msg is None or msg.get("type") != "message":
+            if msg is None:
+                continue
+            if msg["type"] != "message":
+                if msg["type"] == "subscribe":
+                    self._confirmed(msg["channel"])
                 continue
             try:
                 self._dispatch(msg["channel"], msg["data"])
