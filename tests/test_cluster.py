@@ -59,7 +59,15 @@ async def test_replicated_streams_and_failover(nats_cluster: NatsCluster) -> Non
         )
         await other.connect(wait=20)
         try:
-            await other.publish("fanout.x", {"via": "another node"})
-            assert await asyncio.wait_for(received.get(), 10) == {"via": "another node"}
+            # The subscription reaches the other nodes over the routes asynchronously:
+            # publish until one arrives.
+            async def crossed() -> bool:
+                await other.publish("fanout.x", {"via": "another node"})
+                try:
+                    return await asyncio.wait_for(received.get(), 0.5) == {"via": "another node"}
+                except TimeoutError:
+                    return False
+
+            await eventually(crossed, timeout=10, what="a message published on another node")
         finally:
             await other.close()
