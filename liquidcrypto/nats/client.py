@@ -587,7 +587,7 @@ class NatsClient:
         """Subscribe a raw nats-py message callback (for components needing headers/metadata).
 
         When connected, it returns once the server has the subscription: a message any
-        connection publishes next reaches it.
+        connection to that server publishes next reaches it.
         """
         if self.state is ConnectionState.CLOSED:
             raise LiquidNatsError("client is closed")
@@ -624,7 +624,7 @@ class NatsClient:
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until the server has processed everything sent so far (publishes,
         subscriptions): after it returns, a subscription just made receives what any
-        connection publishes next."""
+        connection to that server publishes next."""
         await flush_barrier(self.nc, timeout)
 
 
