@@ -4,9 +4,6 @@ each on free loopback ports in temp dirs, stopped in ``finally``."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,8 @@ import pytest
 from liquidcrypto.config import Settings
 from liquidcrypto.nats.a2a_bus import A2ABus
 from liquidcrypto.nats.client import NatsClient
-from liquidcrypto.nats.embedded import NatsCluster, NatsServer, free_port
+from liquidcrypto.nats.embedded import NatsCluster, NatsServer
+from tests.helpers import redis_server
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -85,39 +83,5 @@ async def make_client(nats_server: NatsServer) -> AsyncIterator[Callable[..., Aw
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
     """A real redis-server on a free port (fails, never skips, when redis-server is missing)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH; install it (Debian: apt-get install redis-server)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        import socket
-
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with redis_server(tmp_path) as url:
+        yield url

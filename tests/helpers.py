@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+
+from liquidcrypto.nats.embedded import free_port
 
 
 async def eventually(
@@ -101,3 +106,27 @@ def readme_section(heading: str) -> str:
     start = text.index("\n## " + heading)
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else None]
+
+
+@contextlib.contextmanager
+def redis_server(data_dir: Path, port: int | None = None) -> Iterator[str]:
+    """Run a real redis-server (on ``port`` or a free one) and yield its URL; stop it after."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not on PATH; install it (Debian: apt-get install redis-server)")
+    port = port or free_port()
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data_dir)]
+    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -15,7 +15,8 @@ import redis.asyncio as aioredis
 from liquidcrypto.config import Settings
 from liquidcrypto.nats.embedded import free_port
 from liquidcrypto.websocket_nats import NatsWebSocketManager, TradeEvent
-from tests.helpers import eventually
+from liquidcrypto.ws.redis_backend import RedisBackendError
+from tests.helpers import eventually, redis_server
 from tests.test_websocket_support import WsClient, app_instances
 
 MakeManager = Callable[[], Awaitable[NatsWebSocketManager]]
@@ -67,6 +68,38 @@ async def test_a_trade_published_right_after_subscribing_arrives(make_manager: M
         await b.publish_trade_event(f"SUB{n}", {"n": n})
     await eventually(lambda: len(got) == 100, what="100 trades")
     assert sorted(d["n"] for d in got) == list(range(100))
+
+
+async def test_redis_down_at_start_then_trades_and_broadcasts_flow_once_it_is_up(tmp_path: Path) -> None:
+    port = free_port()
+    m = NatsWebSocketManager(settings=replace(Settings(), ws_backend="redis", redis_url=f"redis://127.0.0.1:{port}"))
+    await m.init()  # returns: Redis is not there yet
+    got: list[Any] = []
+    try:
+        with pytest.raises(RedisBackendError):
+            await m.subscribe_to_trade_events("LATE", got.append)
+        with redis_server(tmp_path, port):
+
+            async def subscribed() -> bool:
+                try:
+                    await m.subscribe_to_trade_events("LATE", got.append)
+                except RedisBackendError:
+                    return False
+                return True
+
+            await eventually(subscribed, what="a subscription once Redis is up")
+            await m.publish_trade_event("LATE", {"a": 1})
+            await eventually(lambda: got == [{"a": 1}], what="the trade")
+
+            async def broadcast_arrived() -> bool:  # the reader re-subscribes with back-off
+                if m.broadcasts_received:
+                    return True
+                await m.broadcast({"hello": 1})
+                return False
+
+            await eventually(broadcast_arrived, timeout=15, interval=0.1, what="a broadcast")
+    finally:
+        await m.close()
 
 
 async def test_broadcast(make_manager: MakeManager) -> None:

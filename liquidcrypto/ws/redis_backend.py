@@ -64,7 +64,7 @@ class RedisBackend:
         self._feeds: set[str] = set()
         self._on_trade: OnTrade | None = None
         self._on_broadcast: OnBroadcast | None = None
-        self._subscribed = asyncio.Event()
+        self._broadcast_subscribed = False
         self._confirming: dict[str, asyncio.Future[None]] = {}
         self.published = 0
         self.failed = 0
@@ -80,12 +80,15 @@ class RedisBackend:
         self._script = self._redis.register_script(_PUBLISH)
         self._pubsub = self._redis.pubsub()
         try:
-            await self._pubsub.subscribe(subjects.WS_BROADCAST)
-            self._subscribed.set()
+            await self._subscribe(subjects.WS_BROADCAST)
         except (RedisError, OSError) as exc:
             log.warning("Redis at %s not available (%r); retrying in the background", _redact(self.url), exc)
-        self._reader = asyncio.ensure_future(self._read_loop())
-        self._reader.set_name("ws-redis-reader")
+        self._start_reader()
+
+    def _start_reader(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read_loop())
+            self._reader.set_name("ws-redis-reader")
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -135,15 +138,23 @@ class RedisBackend:
         if symbol in self._feeds:
             return
         self._last_seq.pop(symbol, None)
+        try:
+            await self._subscribe(channel)
+        except (RedisError, OSError) as exc:
+            raise RedisBackendError(f"cannot subscribe to {channel!r} on Redis: {exc!r}") from exc
+        self._feeds.add(symbol)
+        metrics.FEEDS.inc()
+
+    async def _subscribe(self, channel: str) -> None:
+        """SUBSCRIBE, then wait until the reader sees Redis confirm it (a warning after
+        ``SUBSCRIBE_CONFIRM_TIMEOUT``): Redis may otherwise run a PUBLISH from another
+        connection first."""
         confirmed = self._confirming[channel] = asyncio.get_running_loop().create_future()
         try:
-            try:
-                await self._pubsub.subscribe(channel)
-            except (RedisError, OSError) as exc:
-                raise RedisBackendError(f"cannot subscribe to {channel!r} on Redis: {exc!r}") from exc
-            self._feeds.add(symbol)
-            self._subscribed.set()
-            metrics.FEEDS.inc()
+            await self._pubsub.subscribe(channel)
+            if channel == subjects.WS_BROADCAST:
+                self._broadcast_subscribed = True
+            self._start_reader()  # the pub/sub connection exists now; the reader reads the confirmation
             await asyncio.wait_for(confirmed, SUBSCRIBE_CONFIRM_TIMEOUT)
         except TimeoutError:
             log.warning("Redis did not confirm the subscription to %s within %g s", channel, SUBSCRIBE_CONFIRM_TIMEOUT)
@@ -175,9 +186,9 @@ class RedisBackend:
         count = 0
         while True:
             try:
-                if not self._subscribed.is_set():
+                if not self._broadcast_subscribed:  # Redis was down when we started
                     await self._pubsub.subscribe(subjects.WS_BROADCAST)
-                    self._subscribed.set()
+                    self._broadcast_subscribed = True
                 msg = await self._pubsub.get_message(timeout=1.0)
                 failures = 0
             except asyncio.CancelledError:
