@@ -164,7 +164,7 @@ class NatsWebSocketManager:
         else:
             from liquidcrypto.ws.redis_backend import RedisBackend
 
-            backend = RedisBackend(self.settings.redis_url)
+            backend = RedisBackend(self.settings.redis_url, on_recovered=self._open_waiting_feeds)
         await backend.start(self._on_trade, self._on_broadcast)
         self._backend = backend
         log.info("WebSocket manager %s started with the %s backend", self.instance_id, self.backend_name)
@@ -319,6 +319,10 @@ class NatsWebSocketManager:
         resume = getattr(self._backend, "resume_feeds", None)
         if resume is not None:
             await resume()
+        await self._open_waiting_feeds()
+
+    async def _open_waiting_feeds(self) -> None:
+        """Open the feeds that clients wait for but that could not open (backend down)."""
         for feed in list(self._feeds.values()):
             async with feed.lock:
                 if not feed.open and not feed.empty:

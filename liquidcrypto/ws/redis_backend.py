@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -49,14 +50,20 @@ class RedisBackend:
     Args:
         url: ``redis://host:port/db``.
         window: most publications in flight at once (connections in the pool).
+        on_recovered: awaited (in a task of its own) when the subscriber reaches Redis
+            again after failing: the manager opens the feeds it could not open meanwhile.
     """
 
     name = "redis"
     supports_history = False
 
-    def __init__(self, url: str, *, window: int = 64) -> None:
+    def __init__(
+        self, url: str, *, window: int = 64, on_recovered: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self.url = url
         self.window = window
+        self._on_recovered = on_recovered
+        self._recovering: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
@@ -91,10 +98,11 @@ class RedisBackend:
             self._reader.set_name("ws-redis-reader")
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._recovering):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.aclose()
@@ -190,7 +198,9 @@ class RedisBackend:
                     await self._pubsub.subscribe(subjects.WS_BROADCAST)
                     self._broadcast_subscribed = True
                 msg = await self._pubsub.get_message(timeout=1.0)
-                failures = 0
+                if failures:
+                    failures = 0
+                    self._recovered()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -212,6 +222,19 @@ class RedisBackend:
             if count % 16 == 0:
                 # Buffered messages come without suspending: let writers and handlers run.
                 await asyncio.sleep(0)
+
+    def _recovered(self) -> None:
+        # A task: opening a feed waits for this loop to read Redis's confirmation.
+        log.info("Redis subscriber at %s works again", _redact(self.url))
+        if self._on_recovered is not None and (self._recovering is None or self._recovering.done()):
+            self._recovering = asyncio.ensure_future(self._run_recovered(self._on_recovered))
+
+    @staticmethod
+    async def _run_recovered(callback: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await callback()
+        except Exception:
+            log.exception("reopening feeds after Redis came back failed")
 
     def _dispatch(self, channel: bytes | str, data: bytes) -> None:
         name = channel.decode() if isinstance(channel, bytes) else channel
