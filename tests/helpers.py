@@ -11,14 +11,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from liquidcrypto.nats.embedded import free_port
+from liquidcrypto.websocket_nats import ClientSession, NatsWebSocketManager
 
 
 async def eventually(
@@ -130,3 +132,23 @@ def redis_server(data_dir: Path, port: int | None = None) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def recording_session(
+    manager: NatsWebSocketManager, name: str = "test"
+) -> AsyncIterator[tuple[ClientSession, list[dict[str, Any]]]]:
+    """A registered ``/ws`` client session of ``manager`` whose frames land, decoded, in a list."""
+    frames: list[dict[str, Any]] = []
+
+    async def send(text: str) -> None:
+        frames.append(orjson.loads(text))
+
+    session = ClientSession(send, manager.queue_policy, name=name)
+    manager.register(session)
+    writer = asyncio.ensure_future(session.run_writer())
+    try:
+        yield session, frames
+    finally:
+        writer.cancel()
+        await manager.unregister(session)

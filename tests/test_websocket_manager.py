@@ -19,10 +19,10 @@ from liquidcrypto.errors import LiquidNatsError, NatsUnavailableError
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer
 from liquidcrypto.nats.streams import TRADE_EVENTS
-from liquidcrypto.websocket_nats import ClientSession, NatsWebSocketManager, TradeEvent
+from liquidcrypto.websocket_nats import NatsWebSocketManager, TradeEvent
 from liquidcrypto.ws import protocol
 from liquidcrypto.ws.nats_backend import NatsBackend
-from tests.helpers import eventually
+from tests.helpers import eventually, recording_session
 
 MakeManager = Callable[..., Awaitable[NatsWebSocketManager]]
 
@@ -258,26 +258,17 @@ async def test_feeds_asked_for_while_nats_is_down_open_when_it_comes_back(tmp_pa
     await client.connect()  # degraded
     m = NatsWebSocketManager(client)
     await m.init()
-    sent: list[dict[str, Any]] = []
-
-    async def send(text: str) -> None:
-        sent.append(orjson.loads(text))
-
-    session = ClientSession(send, m.queue_policy, name="test")
-    m.register(session)
-    writer = asyncio.ensure_future(session.run_writer())
     try:
-        await m.client_subscribe(session, protocol.Subscribe(symbols=("LATE",)))
-        await eventually(lambda: any(f["type"] == "error" for f in sent), what="error frame while down")
-        assert "unavailable" in next(f for f in sent if f["type"] == "error")["message"]
-        srv.start()
-        await eventually(lambda: m.stats()["feeds"] == ["LATE"], timeout=20, what="feed opened on connect")
-        await m.publish_trade_event("LATE", {"price": 1})
-        await eventually(lambda: any(f["type"] == "trade" for f in sent), what="trade after recovery")
-        assert [f["data"] for f in sent if f["type"] == "trade"] == [{"price": 1}]
+        async with recording_session(m) as (session, sent):
+            await m.client_subscribe(session, protocol.Subscribe(symbols=("LATE",)))
+            await eventually(lambda: any(f["type"] == "error" for f in sent), what="error frame while down")
+            assert "unavailable" in next(f for f in sent if f["type"] == "error")["message"]
+            srv.start()
+            await eventually(lambda: m.stats()["feeds"] == ["LATE"], timeout=20, what="feed opened on connect")
+            await m.publish_trade_event("LATE", {"price": 1})
+            await eventually(lambda: any(f["type"] == "trade" for f in sent), what="trade after recovery")
+            assert [f["data"] for f in sent if f["type"] == "trade"] == [{"price": 1}]
     finally:
-        writer.cancel()
-        await m.unregister(session)
         await m.close()
         await client.close()
         srv.stop()

@@ -9,16 +9,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from liquidcrypto.config import Settings
 from liquidcrypto.nats.embedded import free_port
-from liquidcrypto.websocket_nats import ClientSession, NatsWebSocketManager, TradeEvent
+from liquidcrypto.websocket_nats import NatsWebSocketManager, TradeEvent
 from liquidcrypto.ws import protocol
 from liquidcrypto.ws.redis_backend import RedisBackendError
-from tests.helpers import eventually, redis_server
+from tests.helpers import eventually, recording_session, redis_server
 from tests.test_websocket_support import WsClient, app_instances
 
 MakeManager = Callable[[], Awaitable[NatsWebSocketManager]]
@@ -77,47 +76,38 @@ async def test_redis_down_at_start_then_trades_and_broadcasts_flow_once_it_is_up
     m = NatsWebSocketManager(settings=replace(Settings(), ws_backend="redis", redis_url=f"redis://127.0.0.1:{port}"))
     await m.init()  # returns: Redis is not there yet
     got: list[Any] = []
-    frames: list[dict[str, Any]] = []
-
-    async def send(text: str) -> None:
-        frames.append(orjson.loads(text))
-
-    session = ClientSession(send, m.queue_policy, name="waiting")
-    m.register(session)
-    writer = asyncio.ensure_future(session.run_writer())
     try:
-        with pytest.raises(RedisBackendError):
-            await m.subscribe_to_trade_events("LATE", got.append)
-        await m.client_subscribe(session, protocol.Subscribe(symbols=("WAIT",)))
-        await eventually(lambda: any(f["type"] == "error" for f in frames), what="error frame while down")
-        with redis_server(tmp_path, port):
+        async with recording_session(m, "waiting") as (session, frames):
+            with pytest.raises(RedisBackendError):
+                await m.subscribe_to_trade_events("LATE", got.append)
+            await m.client_subscribe(session, protocol.Subscribe(symbols=("WAIT",)))
+            await eventually(lambda: any(f["type"] == "error" for f in frames), what="error frame while down")
+            with redis_server(tmp_path, port):
 
-            async def subscribed() -> bool:
-                try:
-                    await m.subscribe_to_trade_events("LATE", got.append)
-                except RedisBackendError:
-                    return False
-                return True
-
-            await eventually(subscribed, what="a subscription once Redis is up")
-            await m.publish_trade_event("LATE", {"a": 1})
-            await eventually(lambda: got == [{"a": 1}], what="the trade")
-            # The client that asked while Redis was down gets trades without asking again.
-            await eventually(lambda: "WAIT" in m.stats()["feeds"], timeout=15, what="the waiting feed opened")
-            await m.publish_trade_event("WAIT", {"w": 1})
-            await eventually(lambda: any(f["type"] == "trade" for f in frames), what="a trade for the waiting client")
-            assert [f["data"] for f in frames if f["type"] == "trade"] == [{"w": 1}]
-
-            async def broadcast_arrived() -> bool:  # the reader re-subscribes with back-off
-                if m.broadcasts_received:
+                async def subscribed() -> bool:
+                    try:
+                        await m.subscribe_to_trade_events("LATE", got.append)
+                    except RedisBackendError:
+                        return False
                     return True
-                await m.broadcast({"hello": 1})
-                return False
 
-            await eventually(broadcast_arrived, timeout=15, interval=0.1, what="a broadcast")
+                await eventually(subscribed, what="a subscription once Redis is up")
+                await m.publish_trade_event("LATE", {"a": 1})
+                await eventually(lambda: got == [{"a": 1}], what="the trade")
+                # The client that asked while Redis was down gets trades without asking again.
+                await eventually(lambda: "WAIT" in m.stats()["feeds"], timeout=15, what="the waiting feed opened")
+                await m.publish_trade_event("WAIT", {"w": 1})
+                await eventually(lambda: any(f["type"] == "trade" for f in frames), what="a trade for the waiting one")
+                assert [f["data"] for f in frames if f["type"] == "trade"] == [{"w": 1}]
+
+                async def broadcast_arrived() -> bool:  # the reader re-subscribes with back-off
+                    if m.broadcasts_received:
+                        return True
+                    await m.broadcast({"hello": 1})
+                    return False
+
+                await eventually(broadcast_arrived, timeout=15, interval=0.1, what="a broadcast")
     finally:
-        writer.cancel()
-        await m.unregister(session)
         await m.close()
 
 
