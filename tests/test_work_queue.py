@@ -286,6 +286,35 @@ async def test_long_task_with_in_progress_is_not_redelivered(wq: WorkQueue, clie
     assert info.num_redelivered == 0 and info.delivered.stream_seq == 1
 
 
+async def test_ack_wait_is_never_lowered_under_a_running_worker(wq: WorkQueue, client: NatsClient) -> None:
+    async def consumer() -> Any:
+        return await client.js._jsm.consumer_info(streams.ORCHESTRATOR_TASKS, infra.WORKER_CONSUMER)
+
+    async def idle_worker(ack_wait: float) -> Any:
+        return await wq.start_orchestrator_worker(lambda t: {"success": True}, ack_wait=ack_wait)
+
+    async def waiting() -> bool:
+        return bool((await consumer()).num_waiting)
+
+    long_ = await idle_worker(20.0)
+    await eventually(waiting, what="the first worker's pull request")
+    short = await idle_worker(2.0)
+    assert (await consumer()).config.ack_wait == 20.0  # the first worker's long tasks stay safe
+    longer = await idle_worker(40.0)
+    assert (await consumer()).config.ack_wait == 40.0  # raising is safe for everyone
+    for stop in (long_, short, longer):
+        await stop()
+
+    async def unused() -> bool:
+        info = await consumer()
+        return not info.num_waiting and not info.num_ack_pending
+
+    await eventually(unused, what="no worker using the consumer")
+    stop = await idle_worker(3.0)
+    assert (await consumer()).config.ack_wait == 3.0  # nobody else: it follows the new worker
+    await stop()
+
+
 async def test_stop_lets_running_finish_and_hands_back_the_rest(wq: WorkQueue) -> None:
     started: Counter[str] = Counter()
     never = asyncio.Event()

@@ -120,14 +120,26 @@ def worker_consumer_config(ack_wait: float) -> ConsumerConfig:
 
 
 async def ensure_worker_consumer(js: JetStreamContext, ack_wait: float) -> ConsumerInfo:
-    """Create or update the shared durable consumer (``ack_wait`` is consumer-wide).
+    """Create or update the shared durable consumer.
+
+    ``ack_wait`` is consumer-wide. While other workers use the consumer (a pull request
+    waits, or a task is unacknowledged) it is only raised, never lowered: each worker
+    heartbeats by the ``ack_wait`` it started with, so a lower value would get a running
+    worker's long tasks redelivered while it still runs them.
 
     Raises:
         ConsumerConflictError: another consumer on the stream overlaps ``orchestrator.tasks.>``.
     """
     try:
         info: ConsumerInfo = await js._jsm.consumer_info(TASKS_STREAM, WORKER_CONSUMER)
-        if info.config.ack_wait is not None and abs(info.config.ack_wait - ack_wait) < 1e-3:
+        current = info.config.ack_wait
+        if current is not None and abs(current - ack_wait) < 1e-3:
+            return info
+        if current is not None and current > ack_wait and (info.num_waiting or info.num_ack_pending):
+            log.info(
+                "%s keeps ack_wait=%gs while other workers use it (this worker asked for %gs and "
+                "heartbeats by its own value)", WORKER_CONSUMER, current, ack_wait,
+            )
             return info
     except JsNotFoundError:
         pass
