@@ -4,8 +4,6 @@ ack window, handlers, one feed per symbol, broadcast, history reads."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +20,7 @@ from liquidcrypto.nats.streams import TRADE_EVENTS
 from liquidcrypto.websocket_nats import NatsWebSocketManager, TradeEvent
 from liquidcrypto.ws import protocol
 from liquidcrypto.ws.nats_backend import NatsBackend
-from tests.helpers import eventually, recording_session
+from tests.helpers import eventually, frozen, recording_session
 
 MakeManager = Callable[..., Awaitable[NatsWebSocketManager]]
 
@@ -132,8 +130,7 @@ async def test_publisher_waits_when_the_ack_window_is_full(make_manager: MakeMan
             await m.publish_trade_event("ADA", {"i": i})
             published += 1
 
-    os.kill(pid, signal.SIGSTOP)  # no acks while the server is frozen
-    try:
+    with frozen(pid):  # no acks while the server is frozen
         task = asyncio.ensure_future(publish_ten())
         await eventually(lambda: published == 4 or task.done(), what="window filled")
         if task.done():
@@ -142,8 +139,6 @@ async def test_publisher_waits_when_the_ack_window_is_full(make_manager: MakeMan
         # The fifth call waits instead of buffering: exactly the window is in flight.
         assert not task.done() and published == 4
         assert m.stats()["transport"]["inflight"] == 4
-    finally:
-        os.kill(pid, signal.SIGCONT)
     await asyncio.wait_for(task, 10)
     await m.flush()
     stats = m.stats()["transport"]
@@ -160,8 +155,7 @@ async def test_missing_acks_are_retried_with_the_same_id_and_stored_once(
     await backend.start(lambda symbol, seq, payload: None, lambda payload: None)
     assert nats_server.proc is not None
     pid = nats_server.proc.pid
-    os.kill(pid, signal.SIGSTOP)  # no acks: the watchdog retries after ack_timeout
-    try:
+    with frozen(pid):  # no acks: the watchdog retries after ack_timeout
         for i in range(5):
             await backend.publish("RTY", orjson.dumps({"i": i}))
         try:
@@ -169,8 +163,6 @@ async def test_missing_acks_are_retried_with_the_same_id_and_stored_once(
         except AssertionError:
             raise AssertionError(str(backend.stats())) from None
         assert backend.stats()["inflight"] == 5
-    finally:
-        os.kill(pid, signal.SIGCONT)
     await backend.flush(timeout=15)
     stats = backend.stats()
     await backend.stop()
