@@ -393,9 +393,14 @@ async def test_results_are_deduplicated_success_over_failure(wq: WorkQueue, clie
     assert results.complete and {(r.sub_prd_id, r.success) for r in results} == {("a", True), ("b", True)}
 
 
-async def test_one_reader_per_session(wq: WorkQueue) -> None:
+async def test_one_reader_per_session(wq: WorkQueue, client: NatsClient) -> None:
     first = asyncio.create_task(wq.collect_results("s", 1, timeout=4.0))
-    await asyncio.sleep(0.3)  # let the first reader create its consumer
+
+    async def first_reader_open() -> bool:
+        infos = await client.js._jsm.consumers_info(streams.ORCHESTRATOR_TASKS)
+        return any((info.name or "").startswith("results-") for info in infos)
+
+    await eventually(first_reader_open, what="the first reader's consumer")
     with pytest.raises(ConsumerConflictError, match="another reader of session 's'"):
         await wq.collect_results("s", 1, timeout=0.5)
     assert not (await first).complete
