@@ -637,8 +637,10 @@ async def flush_barrier(nc: NatsConnection, timeout: float) -> None:
     missed the next message from another connection in about 5 % of fresh connections.
     Waiting for the flusher to write the queue first restores the order.
     """
-    # nats-py waits for its flusher without a deadline unless flush_timeout is set.
-    await asyncio.wait_for(nc._flush_pending(force_flush=True), timeout)
+    flush_pending = getattr(nc, "_flush_pending", None)  # private: absent in some future nats-py?
+    if flush_pending is not None:
+        # nats-py waits for its flusher without a deadline unless flush_timeout is set.
+        await asyncio.wait_for(flush_pending(force_flush=True), timeout)
     await nc.flush(timeout=max(1, round(timeout)))
 
 
