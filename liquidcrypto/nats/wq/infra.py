@@ -12,6 +12,7 @@ All are created idempotently when the work queue is first used.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from nats.js.kv import KeyValue
 from liquidcrypto import codec
 from liquidcrypto.errors import ConsumerConflictError
 from liquidcrypto.nats import streams, subjects
+from liquidcrypto.nats.wq.puller import PULL_EXPIRES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ ATTEMPTS_TTL = 24 * 3600.0
 WORKER_CONSUMER = "orchestrator-workers"
 TASKS_FILTER = f"{subjects.ORCHESTRATOR_TASKS}.>"
 WORKER_MAX_ACK_PENDING = 10_000
+# Longer than a worker's pull cycle: an idle worker has a pull request waiting again by then.
+UNUSED_RECHECK = PULL_EXPIRES + 0.5
 
 HDR_MSG_ID = "Nats-Msg-Id"
 HDR_SPECIALIST = "Lc-Specialist"
@@ -135,12 +139,19 @@ async def ensure_worker_consumer(js: JetStreamContext, ack_wait: float) -> Consu
         current = info.config.ack_wait
         if current is not None and abs(current - ack_wait) < 1e-3:
             return info
-        if current is not None and current > ack_wait and (info.num_waiting or info.num_ack_pending):
-            log.info(
-                "%s keeps ack_wait=%gs while other workers use it (this worker asked for %gs and "
-                "heartbeats by its own value)", WORKER_CONSUMER, current, ack_wait,
-            )
-            return info
+        if current is not None and current > ack_wait:
+            if not _in_use(info):
+                # An idle worker renews its pull request every second: look once more
+                # after a full cycle, so that the gap between two requests is not mistaken
+                # for no worker at all.
+                await asyncio.sleep(UNUSED_RECHECK)
+                info = await js._jsm.consumer_info(TASKS_STREAM, WORKER_CONSUMER)
+            if _in_use(info):
+                log.info(
+                    "%s keeps ack_wait=%gs while other workers use it (this worker asked for %gs and "
+                    "heartbeats by its own value)", WORKER_CONSUMER, current, ack_wait,
+                )
+                return info
     except JsNotFoundError:
         pass
     try:
@@ -152,6 +163,11 @@ async def ensure_worker_consumer(js: JetStreamContext, ack_wait: float) -> Consu
                 f"{TASKS_FILTER!r} (work-queue streams allow one consumer per subject)"
             ) from exc
         raise
+
+
+def _in_use(info: ConsumerInfo) -> bool:
+    """A worker is on the consumer: a pull request waits, or a task is unacknowledged."""
+    return bool(info.num_waiting or info.num_ack_pending)
 
 
 def attempts_key(task_id: str) -> str:
