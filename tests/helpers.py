@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ import httpx
 import orjson
 import pytest
 
-from liquidcrypto.nats.embedded import free_port
+from liquidcrypto.bench.websocket_fanout import redis_server as bench_redis_server
 from liquidcrypto.websocket_nats import ClientSession, NatsWebSocketManager
 
 
@@ -112,26 +110,12 @@ def readme_section(heading: str) -> str:
 
 @contextlib.contextmanager
 def redis_server(data_dir: Path, port: int | None = None) -> Iterator[str]:
-    """Run a real redis-server (on ``port`` or a free one) and yield its URL; stop it after."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH; install it (Debian: apt-get install redis-server)")
-    port = port or free_port()
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data_dir)]
-    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    """Run a real redis-server (on ``port`` or a free one) and yield its URL; stop it after.
+    Fails, never skips, when redis-server is missing."""
+    with bench_redis_server(data_dir, port) as url:
+        if url is None:
+            pytest.fail("redis-server is not on PATH; install it (Debian: apt-get install redis-server)")
+        yield url
 
 
 @contextlib.asynccontextmanager

@@ -246,12 +246,14 @@ def apps(target: str, count: int, env: dict[str, str], log: Path) -> Iterator[li
 
 
 @contextmanager
-def redis_server(tmp: Path) -> Iterator[str | None]:
+def redis_server(tmp: Path, port: int | None = None) -> Iterator[str | None]:
+    """Run redis-server from ``PATH`` (on ``port`` or a free one) in ``tmp`` and yield its
+    URL, or ``None`` when it is not installed; stopped on exit."""
     binary = shutil.which("redis-server")
     if binary is None:
         yield None
         return
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
         stdout=subprocess.DEVNULL,
@@ -263,8 +265,8 @@ def redis_server(tmp: Path) -> Iterator[str | None]:
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {port}")
             time.sleep(0.02)
         yield f"redis://127.0.0.1:{port}"
     finally:
