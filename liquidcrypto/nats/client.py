@@ -596,13 +596,19 @@ class NatsClient:
         )
         self._subscriptions.add(sub)
         if self.is_connected:
-            nc = self.nc
-            await sub._establish(nc)
-            try:
-                await flush_barrier(nc, SUBSCRIBE_FLUSH_TIMEOUT)
-            except (nats.errors.Error, TimeoutError) as exc:  # the connection is going; re-established on reconnect
-                log.debug("no round trip after subscribing to %s: %r", subject, exc)
+            await sub._establish(self.nc)
+            await self.settle_subscriptions()
         return sub
+
+    async def settle_subscriptions(self, timeout: float = SUBSCRIBE_FLUSH_TIMEOUT) -> None:
+        """``flush()`` after subscribing, when connected; never raises (a connection that
+        is going re-establishes its subscriptions on reconnect)."""
+        if not self.is_connected:
+            return
+        try:
+            await flush_barrier(self.nc, timeout)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.debug("no round trip after subscribing: %r", exc)
 
     async def request(self, subject: str, data: Any, timeout: float = 2.0) -> Any:
         """Send ``data`` and return the decoded JSON reply.

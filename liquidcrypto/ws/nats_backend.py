@@ -118,14 +118,6 @@ class NatsBackend:
         metrics.SLOW_CONSUMER.set_function(lambda: self.client.slow_consumer_events)
         metrics.PUBLISH_INFLIGHT.set_function(lambda: len(self._inflight) + self._retrying)
 
-    async def _flush_subscriptions(self) -> None:
-        """Round trip to the server so a subscription just made is in place on return."""
-        if self.client.is_connected:
-            try:
-                await self.client.flush(5)
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.debug("flush after subscribing: %r", exc)
-
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
             await self.flush(timeout=2.0)
@@ -359,7 +351,7 @@ class NatsBackend:
         except (nats.errors.Error, TimeoutError) as exc:
             raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
         self._feeds[symbol] = sub
-        await self._flush_subscriptions()
+        await self.client.settle_subscriptions()
         log.debug("feed of %s open from seq %d", symbol, start)
 
     async def _watch_drops(self) -> None:
