@@ -19,8 +19,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from liquidcrypto.config import Settings
+from liquidcrypto.fanout.endpoint import websocket_endpoint
+from liquidcrypto.fanout.manager import NatsWebSocketManager
 from liquidcrypto.nats.client import NatsClient, close_nats, init_nats
-from liquidcrypto.websocket_nats import NatsWebSocketManager, websocket_endpoint
 
 STATIC_DIR = Path(__file__).parent / "static"
 

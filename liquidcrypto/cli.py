@@ -222,7 +222,7 @@ async def _with_client(coro_fn: Any) -> Any:
 @dlq_app.command("ls")
 def dlq_ls(limit: Annotated[int, typer.Option(help="Show at most this many.")] = 100) -> None:
     """List dead-lettered orchestrator tasks."""
-    from liquidcrypto.nats import work_queue
+    from liquidcrypto.workqueue import queue as work_queue
 
     try:
         letters = asyncio.run(_with_client(lambda c: work_queue.list_dead_letters(c, limit=limit)))
@@ -240,7 +240,7 @@ def dlq_ls(limit: Annotated[int, typer.Option(help="Show at most this many.")] =
 @dlq_app.command("requeue")
 def dlq_requeue(dead_letter_id: Annotated[str, typer.Argument(help="Dead letter id from `dlq ls`.")]) -> None:
     """Re-enqueue a dead-lettered task (with a fresh de-duplication id)."""
-    from liquidcrypto.nats import work_queue
+    from liquidcrypto.workqueue import queue as work_queue
 
     try:
         out = asyncio.run(_with_client(lambda c: work_queue.requeue_dead_letter(c, dead_letter_id)))

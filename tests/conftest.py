@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from liquidcrypto import A2ABus
 from liquidcrypto.config import Settings
-from liquidcrypto.nats.a2a_bus import A2ABus
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsCluster, NatsServer
 from tests.helpers import redis_server

@@ -17,8 +17,9 @@ import httpx
 import orjson
 import pytest
 
+from liquidcrypto import NatsWebSocketManager
 from liquidcrypto.bench.websocket_fanout import redis_server as bench_redis_server
-from liquidcrypto.websocket_nats import ClientSession, NatsWebSocketManager
+from liquidcrypto.fanout.session import ClientSession
 
 
 async def eventually(

@@ -99,7 +99,7 @@ async def test_nats_server_command_runs_a_three_node_cluster(tmp_path: Path) -> 
 
 
 async def test_dlq_ls_and_requeue(tmp_path: Path, client: NatsClient, nats_server: NatsServer) -> None:
-    from liquidcrypto.nats.work_queue import WorkQueue
+    from liquidcrypto.workqueue.queue import WorkQueue
 
     wq = WorkQueue(client)
     await wq.enqueue_orchestrator_task({"sessionId": "s-dlq", "subPrdId": "poison", "specialist": "x", "payload": {}})

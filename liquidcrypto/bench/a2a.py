@@ -38,10 +38,10 @@ from nats.aio.msg import Msg
 from rich.console import Console
 from rich.table import Table
 
+from liquidcrypto.a2a.bus import A2ABus
+from liquidcrypto.a2a.envelope import Envelope, new_id
 from liquidcrypto.config import Settings
 from liquidcrypto.nats import streams
-from liquidcrypto.nats.a2a.bus import A2ABus
-from liquidcrypto.nats.a2a.envelope import Envelope, new_id
 from liquidcrypto.nats.client import NatsClient, flush_barrier
 from liquidcrypto.nats.embedded import NatsServer
 

@@ -50,9 +50,9 @@ from rich.table import Table
 
 from liquidcrypto.bench.websocket_clients import run_loop
 from liquidcrypto.config import Settings
+from liquidcrypto.fanout.backend import OnBroadcast, OnTrade
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer, free_port
-from liquidcrypto.ws.backend import OnBroadcast, OnTrade
 
 SYMBOL = "BENCH"
 WORKERS = 2
@@ -132,7 +132,8 @@ def baseline_app() -> Any:
     from starlette.routing import Route, WebSocketRoute
 
     from liquidcrypto.app import tune_gc
-    from liquidcrypto.websocket_nats import NatsWebSocketManager, websocket_endpoint
+    from liquidcrypto.fanout.endpoint import websocket_endpoint
+    from liquidcrypto.fanout.manager import NatsWebSocketManager
 
     settings = Settings.from_env()
 
@@ -430,7 +431,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
                         notes.append("redis: skipped (redis-server not on PATH)")
                         continue
                     env = {**base_env, "NATS_URL": srv.url, "WS_BACKEND": backend, "REDIS_URL": redis_url or ""}
-                    from liquidcrypto.websocket_nats import NatsWebSocketManager
+                    from liquidcrypto.fanout.manager import NatsWebSocketManager
 
                     client = NatsClient(srv.url, settings=Settings())
                     await client.connect(wait=15)

@@ -1,0 +1,225 @@
+"""Task lifecycle: the A2A protocol's task states, their legal transitions, and a
+resumable per-task history kept in a JetStream key-value bucket.
+
+Why a KV bucket and not only ``system.events.task_state_changed``: the events of every
+task share that one subject, so the stream alone cannot give a per-task sequence without
+scanning it, and two writers could both claim "seq 3". The bucket ``A2A_TASK_STATES``
+holds one key per task whose value is the task's whole history; every change is a
+compare-and-set on the key's revision (``Nats-Expected-Last-Subject-Sequence``), so the
+per-task ``seq`` is gap-free and monotonic even with concurrent writers, and a watcher
+that sees any later value can emit every change it missed. After the change is committed
+it is also published as the system event ``task_state_changed`` (de-duplicated by the id
+``{task_id}:{seq}``) for subscribers of ``system.events.>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from enum import StrEnum
+from typing import Any
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ConfigDict
+
+from liquidcrypto.a2a.envelope import now_ms
+from liquidcrypto.a2a.kv import ensure_bucket, kv_key
+from liquidcrypto.errors import IllegalTransitionError, InvalidPayloadError
+
+log = logging.getLogger(__name__)
+
+TASK_STATES_BUCKET = "A2A_TASK_STATES"
+TASK_STATES_TTL = 24 * 3600.0
+_CAS_ATTEMPTS = 50
+
+
+class TaskState(StrEnum):
+    """The A2A protocol's task states."""
+
+    SUBMITTED = "submitted"
+    WORKING = "working"
+    INPUT_REQUIRED = "input-required"
+    AUTH_REQUIRED = "auth-required"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    REJECTED = "rejected"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether no transition leaves this state."""
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELED, TaskState.REJECTED})
+
+_S = TaskState
+# None = the task has no state yet. Repeating "working" is a progress update.
+TRANSITIONS: dict[TaskState | None, frozenset[TaskState]] = {
+    None: frozenset({_S.SUBMITTED, _S.WORKING, _S.REJECTED}),
+    _S.SUBMITTED: frozenset(
+        {_S.WORKING, _S.INPUT_REQUIRED, _S.AUTH_REQUIRED, _S.COMPLETED, _S.FAILED, _S.CANCELED, _S.REJECTED}
+    ),
+    _S.WORKING: frozenset(
+        {_S.WORKING, _S.INPUT_REQUIRED, _S.AUTH_REQUIRED, _S.COMPLETED, _S.FAILED, _S.CANCELED}
+    ),
+    _S.INPUT_REQUIRED: frozenset({_S.WORKING, _S.COMPLETED, _S.FAILED, _S.CANCELED}),
+    _S.AUTH_REQUIRED: frozenset({_S.WORKING, _S.FAILED, _S.CANCELED, _S.REJECTED}),
+}
+
+
+def check_transition(task_id: str, current: TaskState | None, new: TaskState) -> None:
+    """Raise unless ``current -> new`` is a legal move.
+
+    Raises:
+        IllegalTransitionError: naming the task and both states.
+    """
+    if new not in TRANSITIONS.get(current, frozenset()):
+        where = "its first state" if current is None else f"{current.value!r} -> {new.value!r}"
+        why = " (terminal)" if current is not None and current.terminal else ""
+        raise IllegalTransitionError(f"task {task_id!r}: illegal transition {where}{why}")
+
+
+class TaskStateChange(BaseModel):
+    """One state change of one task; ``seq`` counts 1, 2, 3... per task."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str
+    seq: int
+    state: TaskState
+    previous: TaskState | None = None
+    timestamp: int
+    agent_id: str | None = None
+    message: str | None = None
+    data: Any = None
+
+
+class TaskRecord(BaseModel):
+    """The stored history of a task (the value of its key in ``A2A_TASK_STATES``)."""
+
+    task_id: str
+    changes: list[TaskStateChange]
+
+    @property
+    def state(self) -> TaskState:
+        return self.changes[-1].state
+
+    @property
+    def seq(self) -> int:
+        return self.changes[-1].seq
+
+
+def _parse(task_id: str, raw: bytes | None) -> TaskRecord:
+    try:
+        return TaskRecord.model_validate_json(raw or b"")
+    except ValueError as exc:
+        raise InvalidPayloadError(f"stored state of task {task_id!r} is unreadable: {exc}") from exc
+
+
+class TaskStateStore:
+    """The per-task histories in the ``A2A_TASK_STATES`` bucket."""
+
+    def __init__(self, js: JetStreamContext, replicas: int = 1) -> None:
+        self._js = js
+        self._replicas = replicas
+        self._kv: KeyValue | None = None
+
+    async def bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await ensure_bucket(
+                self._js, TASK_STATES_BUCKET, ttl=TASK_STATES_TTL, replicas=self._replicas,
+                description="A2A task state histories",
+            )
+        return self._kv
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The task's history, or ``None`` if it has no state."""
+        kv = await self.bucket()
+        try:
+            entry = await kv.get(kv_key(task_id, "task_id"))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return _parse(task_id, entry.value)
+
+    async def commit(
+        self,
+        task_id: str,
+        state: TaskState,
+        *,
+        agent_id: str | None,
+        message: str | None,
+        data: Any,
+    ) -> TaskStateChange:
+        """Append a legal change with the next ``seq`` (compare-and-set, retried on races).
+
+        Raises:
+            IllegalTransitionError: the move is illegal from the task's current state.
+        """
+        kv = await self.bucket()
+        key = kv_key(task_id, "task_id")
+        for _ in range(_CAS_ATTEMPTS):
+            try:
+                entry = await kv.get(key)
+                record: TaskRecord | None = _parse(task_id, entry.value)
+                revision = entry.revision or 0
+            except nats.js.errors.KeyNotFoundError:
+                record, revision = None, 0
+            current = record.state if record else None
+            check_transition(task_id, current, state)
+            change = TaskStateChange(
+                task_id=task_id,
+                seq=(record.seq if record else 0) + 1,
+                state=state,
+                previous=current,
+                timestamp=now_ms(),
+                agent_id=agent_id,
+                message=message,
+                data=data,
+            )
+            changes = [*(record.changes if record else []), change]
+            value = TaskRecord(task_id=task_id, changes=changes).model_dump_json(exclude_none=True).encode()
+            try:
+                if revision:
+                    await kv.update(key, value, last=revision)
+                else:
+                    await kv.create(key, value)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                log.debug("task %s changed concurrently; retrying the state change", task_id)
+                continue
+            return change
+        raise IllegalTransitionError(
+            f"task {task_id!r}: gave up after {_CAS_ATTEMPTS} concurrent state changes"
+        )
+
+    async def watch(self, task_id: str, since_seq: int | None = None) -> AsyncIterator[TaskStateChange]:
+        """Yield the task's changes after ``since_seq`` in order, then live ones.
+
+        Ends after a terminal state. A task with no state yet is waited for.
+        """
+        kv = await self.bucket()
+        key = kv_key(task_id, "task_id")
+        cursor = since_seq or 0
+        watcher = await kv.watch(key)
+        try:
+            async for entry in watcher:
+                if entry is None or entry.operation is not None or not entry.value:
+                    continue  # the "caught up" marker, or a delete/purge marker
+                try:
+                    record = _parse(task_id, entry.value)
+                except InvalidPayloadError:
+                    log.warning("skipping unreadable state of task %s (revision %s)", task_id, entry.revision)
+                    continue
+                for change in record.changes:
+                    if change.seq > cursor:
+                        cursor = change.seq
+                        yield change
+                if record.state.terminal:
+                    return
+        finally:
+            try:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+            except Exception as exc:  # noqa: BLE001 - stopping a watcher must not mask the exit
+                log.debug("stopping the watcher of task %s failed: %s", task_id, exc)

@@ -1,0 +1,113 @@
+"""The ``/ws`` endpoint: authentication, limits, reading client frames, closing.
+
+Per connection: one reader (this coroutine), one writer task draining the session's
+queue, and a replay task per history request; all are owned by the session and
+cancelled when the client leaves or is closed. Bad frames get an ``error`` frame; after
+``WS_MAX_BAD_FRAMES`` of them the client is closed with 1008. A client that left is
+logged at debug level, not as an error. ``/ws?batch=1`` asks for newline-batched
+messages (see ``session``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from liquidcrypto.fanout import auth, metrics, protocol
+from liquidcrypto.fanout.manager import NatsWebSocketManager
+from liquidcrypto.fanout.session import CLOSE_POLICY, CLOSE_TRY_AGAIN, ClientSession
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 2.0
+BATCH_ON = frozenset({"1", "true", "yes", "on"})
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    """``GET /ws``: serve one client until it leaves or is closed."""
+    manager: NatsWebSocketManager = websocket.app.state.ws_manager
+    settings = manager.settings
+    peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "ws-client"
+    given = auth.presented_token(websocket.query_params, websocket.headers)
+    if not auth.authorised(given, token=settings.ws_token, jwt_secret=settings.ws_jwt_secret):
+        metrics.POLICY_CLOSES.inc()
+        log.warning("rejecting /ws client %s: missing or wrong token", peer)
+        await websocket.close(code=CLOSE_POLICY, reason="unauthorised")
+        return
+    await websocket.accept()
+    if manager.client_count >= settings.ws_max_clients:
+        log.warning("rejecting /ws client %s: %d clients connected", peer, manager.client_count)
+        await websocket.close(code=CLOSE_TRY_AGAIN, reason=f"server full ({settings.ws_max_clients} clients)")
+        return
+    batch = websocket.query_params.get("batch", "").lower() in BATCH_ON
+    session = ClientSession(websocket.send_text, manager.queue_policy, name=peer, batch=batch)
+    manager.register(session)
+    session.offer(
+        protocol.frame(
+            "welcome",
+            instance=manager.instance_id,
+            backend=manager.backend_name,
+            history=manager.backend.supports_history,
+            batch=batch,
+        )
+    )
+    writer = session.spawn(_write(session), "writer")
+    reader = session.spawn(_read(websocket, manager, session), "reader")
+    kicked = asyncio.ensure_future(session.kicked.wait())
+    try:
+        await asyncio.wait({writer, reader, kicked}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        kicked.cancel()
+        await manager.unregister(session)
+        await session.cancel_tasks()
+    if session.kicked.is_set():
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                websocket.close(code=session.close_code, reason=session.close_reason[:120]), CLOSE_TIMEOUT
+            )
+    log.debug("/ws client %s done: %s", peer, session.stats())
+
+
+async def _write(session: ClientSession) -> None:
+    try:
+        await session.run_writer()
+    except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+        log.debug("/ws client %s left while sending: %r", session.name, exc)
+    except Exception as exc:  # the server ws library's own "connection closed" error
+        if "closed" not in type(exc).__name__.lower():
+            raise
+        log.debug("/ws client %s left while sending: %r", session.name, exc)
+
+
+async def _read(websocket: WebSocket, manager: NatsWebSocketManager, session: ClientSession) -> None:
+    settings = manager.settings
+    bad = 0
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        raw: str | bytes | None = message.get("text")
+        if raw is None:
+            raw = message.get("bytes") or b""
+        size = len(raw.encode()) if isinstance(raw, str) else len(raw)
+        try:
+            if size > settings.ws_max_frame_bytes:
+                raise ValueError(f"frame of {size:,} bytes exceeds the limit of {settings.ws_max_frame_bytes:,}")
+            request = protocol.parse_client_frame(raw, max_symbols=settings.ws_max_symbols)
+        except ValueError as exc:
+            bad += 1
+            metrics.BAD_FRAMES.inc()
+            session.offer(protocol.error_frame(str(exc)))
+            if bad >= settings.ws_max_bad_frames:
+                session.kick(CLOSE_POLICY, f"{bad} invalid frames")
+                return
+            continue
+        if isinstance(request, protocol.Ping):
+            session.offer(protocol.frame("pong"))
+        elif isinstance(request, protocol.Subscribe):
+            await manager.client_subscribe(session, request)
+        else:
+            await manager.client_unsubscribe(session, request.symbols)

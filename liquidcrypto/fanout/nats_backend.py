@@ -1,0 +1,455 @@
+"""The NATS backend: trades in the ``TRADE_EVENTS`` stream, one push consumer per symbol.
+
+- **Publish** (hop 1): ``js.publish_async`` inside a bounded in-flight window of
+  un-acknowledged publications; a full window makes the caller wait. Each ack frees
+  its slot from the future's callback (no task or timer per trade); a watchdog task
+  retries publications whose ack is missing after ``ack_timeout``. A failed or missing
+  ack is retried with the same ``Nats-Msg-Id`` (the stream drops a duplicate), then
+  counted and logged as failed; the slot stays taken until then.
+- **Feeds** (hop 2): per symbol, a push consumer (no acks, no flow control) delivering
+  new messages with their stream sequence, with explicit pending limits. A jump in the
+  consumer sequence (slow-consumer drops) recreates it right after the last delivered
+  stream sequence, and ``resume_feeds`` does so after every reconnection, so the feed
+  has no holes.
+- **History**: ``nats_history`` reads the stream from a start sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+
+from liquidcrypto.errors import NatsUnavailableError
+from liquidcrypto.fanout import metrics, nats_history
+from liquidcrypto.fanout.backend import OnBroadcast, OnTrade
+from liquidcrypto.nats import subjects
+from liquidcrypto.nats.client import NatsClient, Subscription
+from liquidcrypto.nats.streams import TRADE_EVENTS
+
+log = logging.getLogger(__name__)
+
+FEED_PENDING_MSGS = 65_536
+FEED_INACTIVE_THRESHOLD = 60.0
+FEED_DROP_CHECK_INTERVAL = 1.0
+FEED_PENDING_BYTES = 64 * 1024 * 1024
+_YIELD_EVERY = 256
+_DISPATCH_YIELD_EVERY = 16
+_PUBLISHED = metrics.PUBLISHED.labels("nats")
+
+
+@dataclass(eq=False)
+class _InFlight:
+    future: asyncio.Future[PubAck]
+    subject: str
+    payload: bytes
+    msg_id: str
+    started: float
+
+
+class NatsBackend:
+    """Trades over NATS JetStream.
+
+    Args:
+        client: a connected (or degraded) ``NatsClient``; not closed here.
+        window: most publications waiting for their ack at once.
+        ack_timeout: seconds to wait for an ack before retrying.
+        retries: re-publications of an un-acknowledged trade before it counts as failed.
+    """
+
+    name = "nats"
+    supports_history = True
+
+    def __init__(self, client: NatsClient, *, window: int = 1024, ack_timeout: float = 5.0, retries: int = 2):
+        if window < 1:
+            raise ValueError(f"publish window must be at least 1, not {window}")
+        self.client = client
+        self.window = window
+        self.ack_timeout = ack_timeout
+        self.retries = retries
+        self._slots = asyncio.Semaphore(window)
+        self._inflight: dict[str, _InFlight] = {}  # by message id, oldest first
+        self._retrying = 0
+        self._has_inflight = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._acker: asyncio.Task[None] | None = None
+        self._feeds: dict[str, Any] = {}
+        self._feed_last: dict[str, int] = {}  # last stream sequence each feed delivered
+        self._feed_gen: dict[str, int] = {}  # bumped at each (re)subscription of a feed
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._broadcast_sub: Subscription | None = None
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid()}-{id(self):x}-"
+        self._published = 0
+        self.acked = 0
+        self.failed = 0
+        self.window_waits = 0
+        self._failed_at_flush = 0
+        self._on_trade: OnTrade | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self, on_trade: OnTrade, on_broadcast: OnBroadcast) -> None:
+        self._on_trade = on_trade
+
+        async def on_broadcast_msg(msg: Msg) -> None:
+            on_broadcast(msg.data)
+
+        self._broadcast_sub = await self.client.subscribe_msgs(
+            subjects.WS_BROADCAST,
+            on_broadcast_msg,
+            pending_msgs_limit=FEED_PENDING_MSGS,
+            pending_bytes_limit=FEED_PENDING_BYTES,
+        )
+        self._acker = asyncio.ensure_future(self._ack_watchdog())
+        self._acker.set_name("ws-nats-ack-watchdog")
+        self._spawn(self._watch_drops(), "ws-feed-drop-watch")
+        metrics.SLOW_CONSUMER.set_function(lambda: self.client.slow_consumer_events)
+        metrics.PUBLISH_INFLIGHT.set_function(lambda: len(self._inflight) + self._retrying)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush(timeout=2.0)
+        if self._acker is not None:
+            self._acker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acker
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for symbol in list(self._feeds):
+            await self.close_feed(symbol)
+        if self._broadcast_sub is not None:
+            await self._broadcast_sub.unsubscribe()
+
+    # -- hop 1: publish with a bounded ack window --------------------------------
+
+    async def publish(self, symbol: str, payload: bytes) -> None:
+        """Send one trade; wait only when ``window`` publications are un-acknowledged.
+
+        Raises:
+            NatsUnavailableError: NATS is not connected.
+        """
+        subject = subjects.trade(symbol)
+        if not self.client.is_connected:
+            # Fail fast: nats-py would buffer it while reconnecting, with no ack to come.
+            raise NatsUnavailableError(f"NATS is not connected; trade for {symbol!r} not sent")
+        if self._slots.locked():
+            self.window_waits += 1
+            metrics.PUBLISH_WINDOW_FULL.inc()
+            t0 = time.perf_counter()
+            await self._slots.acquire()
+            metrics.PUBLISH_WAIT.observe(time.perf_counter() - t0)
+        else:
+            await self._slots.acquire()
+        msg_id = f"{self._id_prefix}{next(self._ids)}"
+        try:
+            future = await self.client.js_publish_async_raw(subject, payload, {"Nats-Msg-Id": msg_id})
+        except BaseException:
+            self._slots.release()
+            raise
+        item = _InFlight(future, subject, payload, msg_id, time.monotonic())
+        self._inflight[msg_id] = item
+        self._drained.clear()
+        self._has_inflight.set()
+        future.add_done_callback(functools.partial(self._on_ack, item))
+        self._published += 1
+        if self._published % _YIELD_EVERY == 0:
+            # nats-py's publish never yields; let subscribers in this process run.
+            await asyncio.sleep(0)
+
+    def _on_ack(self, item: _InFlight, future: asyncio.Future[PubAck]) -> None:
+        """The ack (or error) of one publication: free its slot, or retry it."""
+        if self._inflight.pop(item.msg_id, None) is None:
+            return  # timed out already: the watchdog retries it
+        error = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if error is None:
+            self.acked += 1
+            _PUBLISHED.inc()
+            self._release()
+        else:
+            self._spawn_retry(item, error)
+
+    def _release(self) -> None:
+        self._slots.release()
+        if not self._inflight and not self._retrying:
+            self._drained.set()
+
+    def _spawn_retry(self, item: _InFlight, error: BaseException) -> None:
+        """Retry ``item`` in a task; its window slot stays taken until that is over."""
+        self._retrying += 1
+
+        async def retry() -> None:
+            try:
+                await self._retry(item, error)
+            finally:
+                self._retrying -= 1
+                self._release()
+
+        self._spawn(retry(), f"ws-publish-retry:{item.msg_id}")
+
+    async def _ack_watchdog(self) -> None:
+        """Retry publications whose ack did not come within ``ack_timeout`` (oldest first)."""
+        while True:
+            if not self._inflight:
+                self._has_inflight.clear()
+                await self._has_inflight.wait()
+                continue
+            oldest = next(iter(self._inflight.values()))
+            wait = oldest.started + self.ack_timeout - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            del self._inflight[oldest.msg_id]
+            oldest.future.cancel()  # frees nats-py's pending slot; a late ack is ignored
+            self._spawn_retry(oldest, TimeoutError(f"no JetStream ack within {self.ack_timeout:g} s"))
+
+    async def _retry(self, item: _InFlight, first: BaseException) -> None:
+        error: BaseException = first
+        for attempt in range(1, self.retries + 1):
+            if not self.client.is_connected:
+                break
+            try:
+                ack = await self.client.js.publish(
+                    item.subject, item.payload, timeout=self.ack_timeout, headers={"Nats-Msg-Id": item.msg_id}
+                )
+                log.info("trade on %s stored at seq %s after retry %d (%s)", item.subject, ack.seq, attempt, first)
+                self.acked += 1
+                _PUBLISHED.inc()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        self.failed += 1
+        metrics.PUBLISH_FAILED.labels("nats").inc()
+        if self.failed == 1 or self.failed % 1000 == 0:
+            log.error("trade on %s not stored (%d failed in all): %r", item.subject, self.failed, error)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every trade published so far is acknowledged (or failed).
+
+        Raises:
+            NatsUnavailableError: some trades failed since the previous flush, or the
+                acks did not come within ``timeout`` seconds.
+        """
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except TimeoutError:
+            raise NatsUnavailableError(
+                f"{len(self._inflight)} trades still un-acknowledged after {timeout:g} s"
+            ) from None
+        failed, self._failed_at_flush = self.failed - self._failed_at_flush, self.failed
+        if failed:
+            raise NatsUnavailableError(f"{failed} trades could not be stored in {TRADE_EVENTS}")
+
+    async def broadcast(self, payload: bytes) -> None:
+        """Store ``payload`` on ``ws.broadcast``; every instance's subscription gets it.
+
+        Raises:
+            NatsUnavailableError: it was not stored.
+        """
+        try:
+            await self.client.js.publish(subjects.WS_BROADCAST, payload, timeout=self.ack_timeout)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise NatsUnavailableError(f"broadcast not stored: {exc!r}") from exc
+
+    # -- hop 2: one ordered consumer per symbol ----------------------------------
+
+    async def open_feed(self, symbol: str) -> None:
+        """Start delivering new trades of ``symbol`` to ``on_trade``.
+
+        Raises:
+            NatsUnavailableError: NATS is not connected (retry on reconnect).
+        """
+        if symbol in self._feeds:
+            return
+        try:
+            state = (await self.client.js._jsm.stream_info(TRADE_EVENTS)).state
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
+        # Start right after what is stored now (like "new", but from a known sequence).
+        await self._subscribe_feed(symbol, int(state.last_seq or 0) + 1)
+        metrics.FEEDS.inc()
+
+    async def _subscribe_feed(self, symbol: str, start: int) -> None:
+        """Push consumer from ``start``: in order, no acks, no flow control, gap-checked.
+
+        Not nats-py's ordered consumer: its flow-control replies wait for a 250 ms poll
+        whenever the callback is behind, which stalls a busy instance for whole polls.
+        Here a busy instance just queues up to the pending limits; past them nats-py
+        drops (a counted slow-consumer event), the consumer sequence jumps, and the feed
+        is recreated right after the last trade it delivered, so nothing is lost.
+        """
+        on_trade = self._on_trade
+        assert on_trade is not None, "start() first"
+        self._feed_last[symbol] = start - 1
+        generation = self._feed_gen[symbol] = self._feed_gen.get(symbol, 0) + 1
+        last = self._feed_last
+        expected = 1  # next consumer sequence of this subscription
+        count = 0
+        stale = False
+
+        async def callback(msg: Msg) -> None:
+            nonlocal expected, count, stale
+            if stale:
+                return
+            meta = msg.metadata
+            if meta.sequence.consumer != expected:
+                stale = True
+                log.warning(
+                    "feed of %s skipped from consumer seq %d to %d; recreating after stream seq %d",
+                    symbol,
+                    expected,
+                    meta.sequence.consumer,
+                    last[symbol],
+                )
+                self._spawn(self._recreate_feed(symbol, generation), f"feed-recreate:{symbol}")
+                return
+            expected += 1
+            seq = meta.sequence.stream
+            last[symbol] = seq
+            on_trade(symbol, seq, msg.data)
+            count += 1
+            if count % _DISPATCH_YIELD_EVERY == 0:
+                # Let client writers and handlers drain their queues during a burst.
+                await asyncio.sleep(0)
+
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=AckPolicy.NONE,
+            max_deliver=1,
+            mem_storage=True,
+            num_replicas=1,
+            # The server removes the consumer of an instance that vanished without unsubscribing.
+            inactive_threshold=FEED_INACTIVE_THRESHOLD,
+        )
+        try:
+            sub = await self.client.js.subscribe(
+                subjects.trade(symbol),
+                cb=callback,
+                stream=TRADE_EVENTS,
+                config=config,
+                manual_ack=True,
+                pending_msgs_limit=FEED_PENDING_MSGS,
+                pending_bytes_limit=FEED_PENDING_BYTES,
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
+        self._feeds[symbol] = sub
+        await self.client.settle_subscriptions()
+        log.debug("feed of %s open from seq %d", symbol, start)
+
+    async def _watch_drops(self) -> None:
+        """After slow-consumer drops, recreate feeds that lost their newest trades.
+
+        A drop in the middle of a burst shows as a jump in the consumer sequence of the
+        next message; a drop of the last messages before a quiet spell shows nowhere, so
+        when the client counted new slow-consumer events, each idle feed is compared with
+        what its consumer says it delivered.
+        """
+        seen = self.client.slow_consumer_events
+        while True:
+            await asyncio.sleep(FEED_DROP_CHECK_INTERVAL)
+            now = self.client.slow_consumer_events
+            if now == seen or not self.client.is_connected:
+                continue
+            seen = now
+            for symbol, sub in list(self._feeds.items()):
+                if sub.pending_msgs:
+                    continue  # still draining; a gap will show in the sequence
+                try:
+                    info = await sub.consumer_info()
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.debug("consumer info of the feed of %s: %r", symbol, exc)
+                    continue
+                delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
+                if delivered > self._feed_last.get(symbol, 0) and not sub.pending_msgs:
+                    log.warning("feed of %s lost trades up to seq %d; recreating", symbol, delivered)
+                    await self._recreate_feed(symbol, self._feed_gen.get(symbol, 0))
+
+    async def _recreate_feed(self, symbol: str, generation: int) -> None:
+        old = self._feeds.get(symbol)
+        if old is None or self._feed_gen.get(symbol) != generation:
+            return  # closed or already recreated
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await old.unsubscribe()
+        try:
+            await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
+        except NatsUnavailableError as exc:
+            # Reconnection will resume it (resume_feeds).
+            log.warning("recreating the feed of %s failed: %s", symbol, exc)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def resume_feeds(self) -> None:
+        """After a reconnection: recreate every feed right after the last trade it delivered.
+
+        nats-py's ordered consumer would notice a lost consumer only after two missed
+        heartbeats; this makes recovery immediate and gap-free.
+        """
+        for symbol, sub in list(self._feeds.items()):
+            try:
+                await sub.unsubscribe()
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("dropping the old feed of %s: %r", symbol, exc)
+            try:
+                await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
+            except NatsUnavailableError as exc:
+                log.warning("resuming the feed of %s failed: %s", symbol, exc)
+
+    async def close_feed(self, symbol: str) -> None:
+        sub = self._feeds.pop(symbol, None)
+        self._feed_last.pop(symbol, None)
+        if sub is None:
+            return
+        metrics.FEEDS.dec()
+        try:
+            await sub.unsubscribe()
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.debug("unsubscribing feed %s: %r", symbol, exc)
+        log.debug("feed closed: %s", symbol)
+
+    # -- history ---------------------------------------------------------------
+
+    async def history(
+        self, symbol: str, *, since_seq: int | None, last: int | None, limit: int
+    ) -> tuple[list[tuple[int, bytes]], bool]:
+        """Stored trades of ``symbol`` after ``since_seq``, or its ``last`` N (see ``nats_history``)."""
+        return await nats_history.read_history(self.client.js, symbol, since_seq=since_seq, last=last, limit=limit)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "published": self._published,
+            "acked": self.acked,
+            "failed": self.failed,
+            "inflight": len(self._inflight) + self._retrying,
+            "retrying": self._retrying,
+            "window": self.window,
+            "window_waits": self.window_waits,
+            "feeds": len(self._feeds),
+            "slow_consumer_events": self.client.slow_consumer_events,
+        }
