@@ -3,7 +3,9 @@
 ::
 
     LiquidNatsError
-    ├── NatsUnavailableError          NATS is down or the publish buffer is full
+    ├── BackendUnavailableError       the message transport cannot take a message now
+    │   ├── NatsUnavailableError      NATS is down or the publish buffer is full
+    │   └── RedisUnavailableError     Redis (the WebSocket ``redis`` backend) is down
     ├── InvalidSubjectError(ValueError)   a token or pattern that cannot be a subject
     ├── InvalidPayloadError(ValueError)   data that cannot be encoded / decoded as JSON
     ├── InvalidTaskError(ValueError)      a task or result of the wrong shape
@@ -24,8 +26,16 @@ class LiquidNatsError(Exception):
     """Base class of every error raised by liquidcrypto."""
 
 
-class NatsUnavailableError(LiquidNatsError):
+class BackendUnavailableError(LiquidNatsError):
+    """The transport (NATS, or Redis for the WebSocket ``redis`` backend) cannot take it now."""
+
+
+class NatsUnavailableError(BackendUnavailableError):
     """NATS cannot take the message now (disconnected, degraded, or buffer full)."""
+
+
+class RedisUnavailableError(BackendUnavailableError):
+    """Redis cannot take the message now (the WebSocket ``redis`` backend)."""
 
 
 class InvalidSubjectError(LiquidNatsError, ValueError):

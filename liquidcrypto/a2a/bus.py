@@ -37,7 +37,7 @@ from liquidcrypto.a2a.durable import (
     DEFAULT_MAX_DELIVER,
     DurableSubscription,
 )
-from liquidcrypto.a2a.envelope import MSG_ID_HEADER, SYSTEM_AGENT, Envelope, Kind
+from liquidcrypto.a2a.envelope import SYSTEM_AGENT, Envelope, Kind
 from liquidcrypto.a2a.lifecycle import TaskRecord, TaskState, TaskStateChange, TaskStateStore
 from liquidcrypto.a2a.registry import AgentCard, AgentInfo, AgentRegistry
 from liquidcrypto.a2a.replies import ReplyInbox, run_handler
@@ -47,6 +47,7 @@ from liquidcrypto.errors import (
     LiquidNatsError,
     NatsUnavailableError,
 )
+from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import streams, subjects
 from liquidcrypto.nats.client import ConnectionState, NatsClient, Subscription
 
@@ -232,7 +233,7 @@ class A2ABus:
         )
         try:
             fut = await self.client.js_publish_async_raw(
-                subject, payload, {MSG_ID_HEADER: given_id} if given_id else None, stall=stall
+                subject, payload, {hdr.MSG_ID: given_id} if given_id else None, stall=stall
             )
         except NatsUnavailableError:
             metrics.PUBLISH_FAILURES.inc()
@@ -265,7 +266,7 @@ class A2ABus:
         """
         if self._closed:
             raise LiquidNatsError("the A2A bus is closed")
-        headers = {MSG_ID_HEADER: msg_id} if msg_id else None
+        headers = {hdr.MSG_ID: msg_id} if msg_id else None
         if not ack:
             await self.client.publish_raw(subject, payload, headers)
             _PUBLISHED[kind] += 1

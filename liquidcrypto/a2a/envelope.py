@@ -33,8 +33,8 @@ from nats.nuid import NUID
 
 from liquidcrypto import codec
 from liquidcrypto.errors import InvalidPayloadError
+from liquidcrypto.nats import headers as hdr
 
-MSG_ID_HEADER = "Nats-Msg-Id"
 SYSTEM_AGENT = "system"
 
 # Ids: a random per-process prefix (NUID, 22 characters) plus a counter. Unique across
@@ -243,7 +243,7 @@ def decode(raw: bytes, subject: str, headers: Mapping[str, str] | None = None) -
 def _fill_missing(obj: dict[str, Any], subject: str, headers: Mapping[str, str] | None) -> None:
     kind, agent, type_ = _defaults_from_subject(subject)
     if "id" not in obj:
-        obj["id"] = (headers or {}).get(MSG_ID_HEADER) or new_id()
+        obj["id"] = (headers or {}).get(hdr.MSG_ID) or new_id()
     obj.setdefault("agent_id", agent)
     obj.setdefault("type", type_)
     obj.setdefault("kind", kind.value)

@@ -27,11 +27,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 from rich.console import Console
 from rich.table import Table
 
-from liquidcrypto.workqueue.models import OrchestratorTask
-from liquidcrypto.workqueue.queue import WorkQueue
 from liquidcrypto.config import Settings
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer
+from liquidcrypto.workqueue.models import OrchestratorTask
+from liquidcrypto.workqueue.queue import WorkQueue
 
 ENQUEUE_WINDOW = 64
 RAW_STREAM = "RAW_BENCH_TASKS"

@@ -11,13 +11,6 @@ OnTrade = Callable[[str, int, bytes], None]
 OnBroadcast = Callable[[bytes], None]
 
 
-class History(Protocol):
-    """The replayed part of a subscription."""
-
-    items: list[tuple[int, bytes]]
-    complete: bool
-
-
 class Backend(Protocol):
     """A trade transport: publish, one feed per symbol, broadcast, and maybe history."""
 

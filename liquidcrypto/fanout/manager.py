@@ -20,7 +20,7 @@ from typing import Any
 
 from liquidcrypto import codec
 from liquidcrypto.config import Settings
-from liquidcrypto.errors import InvalidPayloadError, LiquidNatsError, NatsUnavailableError
+from liquidcrypto.errors import BackendUnavailableError, InvalidPayloadError, LiquidNatsError
 from liquidcrypto.fanout import metrics, protocol
 from liquidcrypto.fanout.backend import Backend
 from liquidcrypto.fanout.session import ClientSession, QueuePolicy, SymbolState
@@ -211,7 +211,7 @@ class NatsWebSocketManager:
         Raises:
             InvalidSubjectError: ``symbol`` cannot be a subject token (a ``ValueError``).
             InvalidPayloadError: ``data`` is not JSON-able.
-            NatsUnavailableError: the backend cannot take it now.
+            BackendUnavailableError: the backend cannot take it now.
         """
         subjects.token(symbol, "symbol")
         await self.backend.publish(symbol, codec.encode(data))
@@ -220,7 +220,7 @@ class NatsWebSocketManager:
         """Wait until every published trade is acknowledged.
 
         Raises:
-            NatsUnavailableError: some trades failed since the last flush, or timeout.
+            BackendUnavailableError: some trades failed since the last flush, or timeout.
         """
         await self.backend.flush(timeout)
 
@@ -244,7 +244,7 @@ class NatsWebSocketManager:
 
         Raises:
             InvalidSubjectError: a symbol is invalid (nothing is subscribed).
-            NatsUnavailableError: the backend cannot subscribe now.
+            BackendUnavailableError: the backend cannot subscribe now.
         """
         names = _symbol_list(symbols)
         listener = _HandlerListener(handler, with_meta, self.settings.ws_queue_size)
@@ -329,7 +329,7 @@ class NatsWebSocketManager:
                     try:
                         await self.backend.open_feed(feed.symbol)
                         feed.open = True
-                    except NatsUnavailableError as exc:
+                    except BackendUnavailableError as exc:
                         log.warning("reopening the feed of %s failed: %s", feed.symbol, exc)
 
     def _on_trade(self, symbol: str, seq: int, payload: bytes) -> None:
@@ -415,7 +415,7 @@ class NatsWebSocketManager:
                 session.begin_replay(symbol)
             try:
                 await self._add(symbol, session=session)
-            except NatsUnavailableError as exc:
+            except BackendUnavailableError as exc:
                 session.offer(protocol.error_frame(f"trades of {symbol} are unavailable now: {exc}"))
         session.offer(protocol.frame("subscribed", symbols=list(request.symbols)))
         for symbol, since in since_of.items():

@@ -33,9 +33,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 from liquidcrypto.errors import NatsUnavailableError
 from liquidcrypto.fanout import metrics, nats_history
 from liquidcrypto.fanout.backend import OnBroadcast, OnTrade
+from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient, Subscription
 from liquidcrypto.nats.streams import TRADE_EVENTS
+from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class NatsBackend:
         self._feeds: dict[str, Any] = {}
         self._feed_last: dict[str, int] = {}  # last stream sequence each feed delivered
         self._feed_gen: dict[str, int] = {}  # bumped at each (re)subscription of a feed
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("ws-backend")
         self._broadcast_sub: Subscription | None = None
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid()}-{id(self):x}-"
@@ -114,7 +116,7 @@ class NatsBackend:
         )
         self._acker = asyncio.ensure_future(self._ack_watchdog())
         self._acker.set_name("ws-nats-ack-watchdog")
-        self._spawn(self._watch_drops(), "ws-feed-drop-watch")
+        self._tasks.spawn(self._watch_drops(), "ws-feed-drop-watch")
         metrics.SLOW_CONSUMER.set_function(lambda: self.client.slow_consumer_events)
         metrics.PUBLISH_INFLIGHT.set_function(lambda: len(self._inflight) + self._retrying)
 
@@ -125,11 +127,7 @@ class NatsBackend:
             self._acker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._acker
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.cancel()
         for symbol in list(self._feeds):
             await self.close_feed(symbol)
         if self._broadcast_sub is not None:
@@ -157,7 +155,7 @@ class NatsBackend:
             await self._slots.acquire()
         msg_id = f"{self._id_prefix}{next(self._ids)}"
         try:
-            future = await self.client.js_publish_async_raw(subject, payload, {"Nats-Msg-Id": msg_id})
+            future = await self.client.js_publish_async_raw(subject, payload, {hdr.MSG_ID: msg_id})
         except BaseException:
             self._slots.release()
             raise
@@ -199,7 +197,7 @@ class NatsBackend:
                 self._retrying -= 1
                 self._release()
 
-        self._spawn(retry(), f"ws-publish-retry:{item.msg_id}")
+        self._tasks.spawn(retry(), f"ws-publish-retry:{item.msg_id}")
 
     async def _ack_watchdog(self) -> None:
         """Retry publications whose ack did not come within ``ack_timeout`` (oldest first)."""
@@ -224,7 +222,7 @@ class NatsBackend:
                 break
             try:
                 ack = await self.client.js.publish(
-                    item.subject, item.payload, timeout=self.ack_timeout, headers={"Nats-Msg-Id": item.msg_id}
+                    item.subject, item.payload, timeout=self.ack_timeout, headers={hdr.MSG_ID: item.msg_id}
                 )
                 log.info("trade on %s stored at seq %s after retry %d (%s)", item.subject, ack.seq, attempt, first)
                 self.acked += 1
@@ -317,7 +315,7 @@ class NatsBackend:
                     meta.sequence.consumer,
                     last[symbol],
                 )
-                self._spawn(self._recreate_feed(symbol, generation), f"feed-recreate:{symbol}")
+                self._tasks.spawn(self._recreate_feed(symbol, generation), f"feed-recreate:{symbol}")
                 return
             expected += 1
             seq = meta.sequence.stream
@@ -393,17 +391,6 @@ class NatsBackend:
         except NatsUnavailableError as exc:
             # Reconnection will resume it (resume_feeds).
             log.warning("recreating the feed of %s failed: %s", symbol, exc)
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
 
     async def resume_feeds(self) -> None:
         """After a reconnection: recreate every feed right after the last trade it delivered.

@@ -23,7 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from liquidcrypto.errors import NatsUnavailableError
+from liquidcrypto.errors import RedisUnavailableError
 from liquidcrypto.fanout import metrics
 from liquidcrypto.fanout.backend import OnBroadcast, OnTrade
 from liquidcrypto.nats import subjects
@@ -38,10 +38,6 @@ return seq
 """
 _TRADE_PREFIX = subjects.TRADES + "."
 SUBSCRIBE_CONFIRM_TIMEOUT = 5.0  # seconds open_feed waits for Redis to confirm a subscription
-
-
-class RedisBackendError(NatsUnavailableError):
-    """Redis could not take the message (kept under the unavailability error callers catch)."""
 
 
 class RedisBackend:
@@ -115,7 +111,7 @@ class RedisBackend:
         """Publish with its next per-symbol sequence (the pool bounds the in-flight calls).
 
         Raises:
-            RedisBackendError: Redis is not reachable.
+            RedisUnavailableError: Redis is not reachable.
         """
         channel = subjects.trade(symbol)
         try:
@@ -123,7 +119,7 @@ class RedisBackend:
         except (RedisError, OSError) as exc:
             self.failed += 1
             metrics.PUBLISH_FAILED.labels("redis").inc()
-            raise RedisBackendError(
+            raise RedisUnavailableError(
                 f"Redis unavailable; trade for {symbol!r} not published: {exc!r}"
             ) from exc
         self.published += 1
@@ -137,7 +133,7 @@ class RedisBackend:
         try:
             await self._redis.publish(subjects.WS_BROADCAST, payload)
         except (RedisError, OSError) as exc:
-            raise RedisBackendError(f"Redis unavailable; broadcast not sent: {exc!r}") from exc
+            raise RedisUnavailableError(f"Redis unavailable; broadcast not sent: {exc!r}") from exc
 
     async def open_feed(self, symbol: str) -> None:
         """Subscribe to the symbol's channel; returns once Redis confirmed it, so a trade
@@ -149,7 +145,7 @@ class RedisBackend:
         try:
             await self._subscribe(channel)
         except (RedisError, OSError) as exc:
-            raise RedisBackendError(f"cannot subscribe to {channel!r} on Redis: {exc!r}") from exc
+            raise RedisUnavailableError(f"cannot subscribe to {channel!r} on Redis: {exc!r}") from exc
         self._feeds.add(symbol)
         metrics.FEEDS.inc()
 

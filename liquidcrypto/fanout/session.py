@@ -24,7 +24,6 @@ catches up at a fraction of the cost. Nothing waits to fill a batch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections import deque
@@ -32,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from liquidcrypto.fanout import metrics, protocol
+from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class ClientSession:
         self.duplicates = 0
         self.missed = 0
         self._lost_since_progress = 0
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks = TaskSet(self.name)
 
     @property
     def queued(self) -> int:
@@ -303,24 +303,10 @@ class ClientSession:
 
     def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         """Run ``coro`` as a task owned by this session (cancelled by ``cancel_tasks``)."""
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(f"{self.name}:{name}")
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        return self.tasks.spawn(coro, name)
 
     async def cancel_tasks(self) -> None:
-        tasks = list(self.tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await self.tasks.cancel()
 
     def stats(self) -> dict[str, int]:
         return {

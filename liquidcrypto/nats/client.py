@@ -36,6 +36,7 @@ from liquidcrypto.errors import (
     RequestTimeoutError,
     StreamConflictError,
 )
+from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import streams, subjects
 from liquidcrypto.nats.options import connect_options, describe, jittered_delay, redact_url
 from liquidcrypto.nats.subscription import (
@@ -47,6 +48,7 @@ from liquidcrypto.nats.subscription import (
     call_handler,
     json_callback,
 )
+from liquidcrypto.nats.tasks import TaskSet
 
 __all__ = [
     "DEGRADED_LINE",
@@ -140,7 +142,7 @@ class NatsClient:
         self._connected = asyncio.Event()
         self._first_failure = asyncio.Event()
         self._pending_nc: NatsConnection | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = TaskSet()
         self._subscriptions: set[Subscription] = set()
         self._on_connect: list[ConnectCallback] = []
         self._on_close: list[Callable[[], Awaitable[None]]] = []
@@ -179,7 +181,7 @@ class NatsClient:
         self.state = ConnectionState.CONNECTING
         # nats-py retries the initial connect for ever when max_reconnect_attempts=-1;
         # run it as an owned task and stop waiting at the first failure.
-        self._spawn(self._initial_connect(), "nats-connect")
+        self._background.spawn(self._initial_connect(), "nats-connect")
         first = asyncio.ensure_future(self._first_failure.wait())
         connected = asyncio.ensure_future(self._connected.wait())
         timeout = float(self.connect_options()["connect_timeout"]) + 1
@@ -241,7 +243,7 @@ class NatsClient:
         self._connected.clear()
         CONNECTED.set(0)
         pending = self._pending_nc
-        await self._cancel_background()
+        await self._background.cancel()
         if pending is not None and not pending.is_closed:
             await pending.close()
         nc, self._nc, self._js = self._nc, None, None
@@ -378,7 +380,7 @@ class NatsClient:
         RECONNECTS.inc()
         log.info("NATS reconnected to %s", self.server_id)
         # Provision in an owned task: nats-py awaits this callback in its read path.
-        self._spawn(self._reprovision(), "nats-reprovision")
+        self._background.spawn(self._reprovision(), "nats-reprovision")
 
     async def _reprovision(self) -> None:
         attempt = 0
@@ -400,30 +402,6 @@ class NatsClient:
             self.state = ConnectionState.DEGRADED
             self._connected.clear()
             CONNECTED.set(0)
-
-    async def _cancel_background(self) -> None:
-        # Cancel again until done: on Python 3.11 asyncio.wait_for inside nats-py's connect
-        # loop can swallow a cancellation that races with a refused connection.
-        for _ in range(40):
-            pending = [t for t in self._background if not t.done()]
-            if not pending:
-                return
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(pending, timeout=0.25)
-        log.warning("background tasks still running after close: %s", [t.get_name() for t in self._background])
-
-    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._background.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     # -- health ----------------------------------------------------------------
 
@@ -509,7 +487,7 @@ class NatsClient:
         """
         hdrs = dict(headers) if headers else {}
         if msg_id is not None:
-            hdrs["Nats-Msg-Id"] = msg_id
+            hdrs[hdr.MSG_ID] = msg_id
         return await self.js_publish_raw(_checked_subject(subject), codec.encode(data), hdrs or None, timeout=timeout)
 
     async def js_publish_raw(

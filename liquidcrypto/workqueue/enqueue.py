@@ -8,8 +8,9 @@ from typing import Any
 
 from nats.js.api import PubAck
 
+from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats.client import NatsClient
-from liquidcrypto.workqueue import infra, metrics
+from liquidcrypto.workqueue import metrics
 from liquidcrypto.workqueue.models import EnqueueReceipt, OrchestratorTask, coerce_task
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ async def store(
     Raises:
         NatsUnavailableError: it was not stored (no connection, no stream, timeout).
     """
-    hdrs = {**headers, "Nats-Msg-Id": msg_id} if headers else {"Nats-Msg-Id": msg_id}
+    hdrs = {**headers, hdr.MSG_ID: msg_id} if headers else {hdr.MSG_ID: msg_id}
     return await client.js_publish_raw(subject, payload, hdrs, timeout=timeout)
 
 
@@ -55,7 +56,7 @@ async def enqueue(
     """
     model = coerce_task(task)
     tid = task_id or model.dedupe_id
-    headers = {infra.HDR_SPECIALIST: model.specialist} if model.specialist else None
+    headers = {hdr.SPECIALIST: model.specialist} if model.specialist else None
     ack = await store(client, model.subject, model.encode(), tid, headers, timeout=timeout)
     (_DUPLICATE if ack.duplicate else _NEW).inc()
     if ack.duplicate:

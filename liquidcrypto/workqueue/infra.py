@@ -52,18 +52,9 @@ WORKER_MAX_ACK_PENDING = 10_000
 # Longer than a worker's pull cycle: an idle worker has a pull request waiting again by then.
 UNUSED_RECHECK = PULL_EXPIRES + 0.5
 
-HDR_MSG_ID = "Nats-Msg-Id"
-HDR_SPECIALIST = "Lc-Specialist"
-HDR_TASK_ID = "Lc-Task-Id"
 
 # nats-server error code: "filtered consumer not unique on workqueue stream".
 ERR_WQ_OVERLAP = 10100
-
-
-def dlq_subject(session_id: str, sub_prd_id: str) -> str:
-    """``orchestrator.dlq.{session_id}.{sub_prd_id}``"""
-    sid, pid = subjects.token(session_id, "session_id"), subjects.token(sub_prd_id, "sub_prd_id")
-    return f"{DLQ_PREFIX}.{sid}.{pid}"
 
 
 def result_msg_id(task_id: str) -> str:

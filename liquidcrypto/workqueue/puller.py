@@ -19,6 +19,7 @@ import orjson
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats.client import NatsClient
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,6 @@ log = logging.getLogger(__name__)
 PULL_EXPIRES = 1.0
 # A request whose expiry status never came (lost in a reconnect) is forgotten after this.
 GRACE = 2.0
-HDR_STATUS = "Status"
-HDR_DESCRIPTION = "Description"
-HDR_PENDING = "Nats-Pending-Messages"
 
 
 class Puller:
@@ -112,19 +110,19 @@ class Puller:
                 self._on_status()  # a request is complete: the owner may ask for more
 
     async def _on_msg(self, msg: Msg) -> None:
-        status = msg.headers.get(HDR_STATUS) if msg.headers else None
+        status = msg.headers.get(hdr.STATUS) if msg.headers else None
         if not status:
             self._release(1)
             self._on_task(msg)
             return
         if status == "100":  # idle heartbeat
             return
-        pending = (msg.headers or {}).get(HDR_PENDING)
+        pending = (msg.headers or {}).get(hdr.PENDING_MESSAGES)
         if pending is not None:
             self._release(int(pending))
         elif self._requests:
             self._requests.popleft()
-        desc = (msg.headers or {}).get(HDR_DESCRIPTION, "")
+        desc = (msg.headers or {}).get(hdr.DESCRIPTION, "")
         if status == "409" or (status == "404" and "consumer" in desc.lower()):
             if "Deleted" in desc or "push" in desc or "not found" in desc.lower():
                 self.consumer_gone = True

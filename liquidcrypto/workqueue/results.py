@@ -32,6 +32,7 @@ from nats.js.errors import BadRequestError
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from liquidcrypto.errors import ConsumerConflictError, InvalidPayloadError
+from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import ConnectionState, NatsClient, call_handler
 from liquidcrypto.workqueue import infra, metrics
@@ -272,7 +273,7 @@ async def remove_results(client: NatsClient, msgs: list[Msg], session_id: str) -
 def _read(msg: Msg, seen: set[str] | OrderedDict[str, None]) -> TaskResult | None:
     """Decode a result message; ``None`` for a duplicate or an unreadable one (logged)."""
     headers = msg.headers or {}
-    rid = headers.get(infra.HDR_MSG_ID) or f"seq{msg.metadata.sequence.stream}"
+    rid = headers.get(hdr.MSG_ID) or f"seq{msg.metadata.sequence.stream}"
     if rid in seen:
         metrics.DUPLICATE_RESULTS.inc()
         return None
@@ -365,7 +366,7 @@ class ResultSubscription:
             try:
                 await call_handler(self._handler, result)
             except Exception:
-                rid = (msg.headers or {}).get(infra.HDR_MSG_ID)
+                rid = (msg.headers or {}).get(hdr.MSG_ID)
                 self._seen.pop(rid or "", None)
                 if msg.metadata.num_delivered < HANDLER_ATTEMPTS:
                     log.exception("results handler of %s failed; retrying the result", self.session_id)

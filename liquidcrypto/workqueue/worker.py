@@ -24,6 +24,7 @@ from nats.js.kv import KeyValue
 
 from liquidcrypto import codec
 from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError, LiquidNatsError, NatsUnavailableError
+from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats.client import ConnectionState, NatsClient, call_handler
 from liquidcrypto.workqueue import dead_letters, infra, metrics
 from liquidcrypto.workqueue.enqueue import store
@@ -314,7 +315,7 @@ class Worker:
     async def _process(self, msg: Msg) -> None:
         md = msg.metadata
         headers = msg.headers or {}
-        task_id = headers.get(infra.HDR_MSG_ID) or f"seq{md.sequence.stream}"
+        task_id = headers.get(hdr.MSG_ID) or f"seq{md.sequence.stream}"
         try:
             task = decode_task(msg.data)
         except (InvalidPayloadError, InvalidTaskError, ValueError) as exc:
@@ -422,7 +423,7 @@ class Worker:
             try:
                 await store(
                     self.client, result.subject, result.encode(), infra.result_msg_id(task_id),
-                    {infra.HDR_TASK_ID: task_id},
+                    {hdr.TASK_ID: task_id},
                 )
                 return True
             except NatsUnavailableError as exc:

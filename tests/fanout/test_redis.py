@@ -14,8 +14,8 @@ import redis.asyncio as aioredis
 
 from liquidcrypto import NatsWebSocketManager, TradeEvent
 from liquidcrypto.config import Settings
+from liquidcrypto.errors import RedisUnavailableError
 from liquidcrypto.fanout import protocol
-from liquidcrypto.fanout.redis_backend import RedisBackendError
 from liquidcrypto.nats.embedded import free_port
 from tests.fanout.support import WsClient, app_instances
 from tests.helpers import eventually, recording_session, redis_server
@@ -78,7 +78,7 @@ async def test_redis_down_at_start_then_trades_and_broadcasts_flow_once_it_is_up
     got: list[Any] = []
     try:
         async with recording_session(m, "waiting") as (session, frames):
-            with pytest.raises(RedisBackendError):
+            with pytest.raises(RedisUnavailableError):
                 await m.subscribe_to_trade_events("LATE", got.append)
             await m.client_subscribe(session, protocol.Subscribe(symbols=("WAIT",)))
             await eventually(lambda: any(f["type"] == "error" for f in frames), what="error frame while down")
@@ -87,7 +87,7 @@ async def test_redis_down_at_start_then_trades_and_broadcasts_flow_once_it_is_up
                 async def subscribed() -> bool:
                     try:
                         await m.subscribe_to_trade_events("LATE", got.append)
-                    except RedisBackendError:
+                    except RedisUnavailableError:
                         return False
                     return True
 

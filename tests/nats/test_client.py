@@ -305,11 +305,11 @@ async def test_module_level_functions_use_the_default_client(nats_server: NatsSe
 
 async def test_close_nats_closes_components_built_on_the_default_client(nats_server: NatsServer) -> None:
     from liquidcrypto import nats as lnats
-    from liquidcrypto.nats import a2a_bus
+    from liquidcrypto.a2a import default
 
     c = await lnats.init_nats(nats_server.url, settings=Settings())
     await c.wait_connected(10)
-    bus = a2a_bus.get_bus()
+    bus = default.get_bus()
     await lnats.close_nats()
     assert bus._closed
     assert c.state is ConnectionState.CLOSED
