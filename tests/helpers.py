@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +103,63 @@ async def wait_http(url: str, proc: CliProcess | None = None, timeout: float = 2
         await asyncio.sleep(0.05)
 
 
-def readme_section(heading: str) -> str:
-    """The README's section that starts with the ``## `` heading beginning with ``heading``."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    start = text.index("\n## " + heading)
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else None]
+ROOT = Path(__file__).resolve().parent.parent
+DOC_PAGES = ("README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")))
+_PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```\n", re.S | re.M)
+_PRINTS = re.compile(r"\s*It prints `([^`]*)`")
+
+
+@dataclass(frozen=True)
+class DocBlock:
+    """One ```` ```python ```` block of a documentation page.
+
+    A block that calls ``asyncio.run(`` is a *script*, run as its own process; any other
+    block is a *fragment*, run as the body of an ``async`` function after ``init_nats()``.
+    ``prints`` is what a script must print, taken from an ``It prints `...` `` sentence
+    right after the block (None: not checked).
+    """
+
+    page: str
+    number: int
+    source: str
+    prints: str | None
+
+    @property
+    def name(self) -> str:
+        """How failures name the block: ``docs/a2a.md block 3`` (numbered from 1 per page)."""
+        return f"{self.page} block {self.number}"
+
+    @property
+    def is_script(self) -> bool:
+        return "asyncio.run(" in self.source
+
+
+def doc_blocks(page: str) -> list[DocBlock]:
+    """Every ```` ```python ```` block of ``page`` (a path relative to the repository root)."""
+    text = (ROOT / page).read_text()
+    blocks = []
+    for number, match in enumerate(_PYTHON_BLOCK.finditer(text), start=1):
+        prints = _PRINTS.match(text, match.end())
+        blocks.append(DocBlock(page, number, match.group(1), prints.group(1) if prints else None))
+    return blocks
+
+
+def package_variables() -> set[str]:
+    """The environment variables the package reads: the names ``liquidcrypto/config.py``
+    quotes, plus any ``os.environ.get("...")`` elsewhere in the package."""
+    package = ROOT / "liquidcrypto"
+    names = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', (package / "config.py").read_text()))
+    for module in package.rglob("*.py"):
+        names.update(re.findall(r'environ(?:\.get\(|\[)"([A-Z][A-Z0-9_]+)"', module.read_text()))
+    return names
+
+
+def documented_variables(page: str = "docs/configuration.md") -> set[str]:
+    """The environment variables in the first column of ``page``'s tables headed ``| Variable``."""
+    names: set[str] = set()
+    for table in re.findall(r"^\| Variable.*\n(?:\|.*\n)*", (ROOT / page).read_text(), re.M):
+        names.update(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", table, re.M))
+    return names
 
 
 @contextlib.contextmanager

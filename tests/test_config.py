@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import gc
-import re
 from pathlib import Path
 
 import pytest
 
 from liquidcrypto.app import tune_gc
 from liquidcrypto.config import Settings
+from tests.helpers import documented_variables, package_variables
 
 
 def test_defaults() -> None:
@@ -72,9 +72,7 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_gen0_threshold() -> Non
         gc.set_threshold(*before)
 
 
-def test_every_environment_variable_is_documented_in_the_readme() -> None:
-    root = Path(__file__).resolve().parent.parent
-    read = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', (root / "liquidcrypto" / "config.py").read_text()))
-    readme = (root / "README.md").read_text()
-    assert {"NATS_URL", "WS_WRITE_DELAY", "GC_GEN0_THRESHOLD"} <= read
-    assert sorted(v for v in read if f"`{v}`" not in readme) == []
+def test_every_environment_variable_is_documented() -> None:
+    read = package_variables()
+    assert {"NATS_URL", "WS_WRITE_DELAY", "GC_GEN0_THRESHOLD", "NATS_SERVER_BIN"} <= read
+    assert sorted(read - documented_variables("docs/configuration.md")) == []
