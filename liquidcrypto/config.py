@@ -1,6 +1,6 @@
 """Settings read from the environment, in one place.
 
-Every variable is documented in the README's configuration table. ``Settings.from_env``
+Every variable is documented in docs/configuration.md. ``Settings.from_env``
 is the only function that reads ``os.environ`` for the package.
 """
 
