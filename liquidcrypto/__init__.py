@@ -31,7 +31,6 @@ from liquidcrypto.fanout.manager import NatsWebSocketManager, TradeEvent
 from liquidcrypto.nats.client import (
     ConnectionState,
     NatsClient,
-    Subscription,
     close_nats,
     get_client,
     get_nats_health,
@@ -41,6 +40,7 @@ from liquidcrypto.nats.client import (
     request,
     subscribe,
 )
+from liquidcrypto.nats.subscription import Subscription
 from liquidcrypto.workqueue.models import DeadLetter, EnqueueReceipt, OrchestratorTask, ResultSet, TaskResult
 from liquidcrypto.workqueue.queue import (
     WorkQueue,

@@ -49,7 +49,8 @@ from liquidcrypto.errors import (
 )
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import streams, subjects
-from liquidcrypto.nats.client import ConnectionState, NatsClient, Subscription
+from liquidcrypto.nats.client import ConnectionState, NatsClient
+from liquidcrypto.nats.subscription import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +436,7 @@ class A2ABus:
 
     def _state_store(self) -> TaskStateStore:
         if self._states is None:
-            self._states = TaskStateStore(self.client.js, self.client.settings.js_replicas)
+            self._states = TaskStateStore(self.client)
         return self._states
 
     async def update_task_state(
@@ -487,8 +488,8 @@ class A2ABus:
         if self._registry is None:
             s = self.client.settings
             self._registry = AgentRegistry(
-                self.client.js, ttl=s.a2a_agent_ttl, interval=s.a2a_heartbeat_interval,
-                replicas=s.js_replicas, beat=self._publish_heartbeat,
+                self.client, ttl=s.a2a_agent_ttl, interval=s.a2a_heartbeat_interval,
+                beat=self._publish_heartbeat,
                 closed=lambda: self._closed or self.client.state is ConnectionState.CLOSED,
             )
         return self._registry

@@ -15,7 +15,8 @@ from liquidcrypto.a2a.durable import DurableSubscription
 from liquidcrypto.a2a.envelope import Envelope
 from liquidcrypto.a2a.lifecycle import TaskState, TaskStateChange
 from liquidcrypto.a2a.registry import AgentCard, AgentInfo
-from liquidcrypto.nats.client import Subscription, get_client
+from liquidcrypto.nats.client import get_client
+from liquidcrypto.nats.subscription import Subscription
 
 __all__ = [
     "close_bus",

@@ -20,18 +20,18 @@ from enum import StrEnum
 from typing import Any
 
 import nats.js.errors
-from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict
 
 from liquidcrypto.a2a.envelope import now_ms
-from liquidcrypto.a2a.kv import ensure_bucket, kv_key
+from liquidcrypto.a2a.kv import kv_key, open_bucket
 from liquidcrypto.errors import IllegalTransitionError, InvalidPayloadError
+from liquidcrypto.nats import streams
+from liquidcrypto.nats.client import NatsClient
 
 log = logging.getLogger(__name__)
 
-TASK_STATES_BUCKET = "A2A_TASK_STATES"
-TASK_STATES_TTL = 24 * 3600.0
+TASK_STATES_BUCKET = streams.A2A_TASK_STATES
 _CAS_ATTEMPTS = 50
 
 
@@ -122,17 +122,13 @@ def _parse(task_id: str, raw: bytes | None) -> TaskRecord:
 class TaskStateStore:
     """The per-task histories in the ``A2A_TASK_STATES`` bucket."""
 
-    def __init__(self, js: JetStreamContext, replicas: int = 1) -> None:
-        self._js = js
-        self._replicas = replicas
+    def __init__(self, client: NatsClient) -> None:
+        self._client = client
         self._kv: KeyValue | None = None
 
     async def bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await ensure_bucket(
-                self._js, TASK_STATES_BUCKET, ttl=TASK_STATES_TTL, replicas=self._replicas,
-                description="A2A task state histories",
-            )
+            self._kv = await open_bucket(self._client, TASK_STATES_BUCKET)
         return self._kv
 
     async def get(self, task_id: str) -> TaskRecord | None:

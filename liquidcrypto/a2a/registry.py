@@ -17,16 +17,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import nats.js.errors
-from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from liquidcrypto.a2a.kv import ensure_bucket, kv_key
+from liquidcrypto.a2a.kv import kv_key, open_bucket
+from liquidcrypto.nats import streams
+from liquidcrypto.nats.client import NatsClient
 
 log = logging.getLogger(__name__)
 
-AGENTS_BUCKET = "A2A_AGENTS"
-AGENTS_BUCKET_TTL = 24 * 3600.0
+AGENTS_BUCKET = streams.A2A_AGENTS
 
 
 class AgentCard(BaseModel):
@@ -70,22 +70,20 @@ class AgentRegistry:
     """Cards in the bucket plus one owned heartbeat task per locally registered agent."""
 
     def __init__(
-        self, js: JetStreamContext, *, ttl: float, interval: float, replicas: int = 1, beat: Beat,
+        self, client: NatsClient, *, ttl: float, interval: float, beat: Beat,
         closed: Callable[[], bool] = lambda: False,
     ) -> None:
         """
         Args:
-            js: the JetStream context.
+            client: the client whose JetStream holds the bucket.
             ttl: seconds without a heartbeat after which an agent is offline.
             interval: seconds between heartbeats of the agents registered here.
-            replicas: bucket replicas.
             beat: publishes the heartbeat message of an agent (the bus's).
             closed: whether the connection was closed for good (heartbeat loops then end).
         """
-        self._js = js
+        self._client = client
         self.ttl = ttl
         self.interval = interval
-        self._replicas = replicas
         self._beat = beat
         self._closed = closed
         self._kv: KeyValue | None = None
@@ -95,10 +93,7 @@ class AgentRegistry:
 
     async def bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await ensure_bucket(
-                self._js, AGENTS_BUCKET, ttl=AGENTS_BUCKET_TTL, replicas=self._replicas,
-                description="A2A agent cards and heartbeats",
-            )
+            self._kv = await open_bucket(self._client, AGENTS_BUCKET)
         return self._kv
 
     async def register(self, card: AgentCard, *, heartbeat: bool = True) -> AgentCard:

@@ -21,7 +21,8 @@ from nats.aio.msg import Msg
 from liquidcrypto.a2a import envelope as env_mod
 from liquidcrypto.a2a.envelope import Envelope, Kind
 from liquidcrypto.errors import InvalidPayloadError, RequestTimeoutError
-from liquidcrypto.nats.client import NatsClient, Subscription, call_handler
+from liquidcrypto.nats.client import NatsClient
+from liquidcrypto.nats.subscription import Subscription, call_handler
 
 log = logging.getLogger(__name__)
 

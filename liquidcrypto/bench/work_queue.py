@@ -79,7 +79,7 @@ async def bench_raw(url: str, n: int, concurrency: int) -> float:
         storage=StorageType.FILE, duplicate_window=3600.0,
     ))
     durable = "raw-workers"
-    await js._jsm.add_consumer(RAW_STREAM, ConsumerConfig(
+    await js.add_consumer(RAW_STREAM, ConsumerConfig(
         durable_name=durable, filter_subject="raw.tasks.>", ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0,
         max_ack_pending=10_000,
     ))

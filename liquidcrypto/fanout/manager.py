@@ -25,7 +25,8 @@ from liquidcrypto.fanout import metrics, protocol
 from liquidcrypto.fanout.backend import Backend
 from liquidcrypto.fanout.session import ClientSession, QueuePolicy, SymbolState
 from liquidcrypto.nats import subjects
-from liquidcrypto.nats.client import NatsClient, call_handler, get_client
+from liquidcrypto.nats.client import NatsClient, get_client
+from liquidcrypto.nats.subscription import call_handler
 
 log = logging.getLogger(__name__)
 

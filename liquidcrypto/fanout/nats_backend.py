@@ -35,8 +35,9 @@ from liquidcrypto.fanout import metrics, nats_history
 from liquidcrypto.fanout.backend import OnBroadcast, OnTrade
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import subjects
-from liquidcrypto.nats.client import NatsClient, Subscription
+from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.streams import TRADE_EVENTS
+from liquidcrypto.nats.subscription import Subscription
 from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)

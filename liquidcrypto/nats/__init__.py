@@ -9,7 +9,6 @@ from __future__ import annotations
 from liquidcrypto.nats.client import (
     ConnectionState,
     NatsClient,
-    Subscription,
     close_nats,
     get_client,
     get_nats_health,
@@ -19,6 +18,7 @@ from liquidcrypto.nats.client import (
     request,
     subscribe,
 )
+from liquidcrypto.nats.subscription import Subscription
 
 __all__ = [
     "ConnectionState",

@@ -4,7 +4,8 @@
 down: the client logs ``[Server] NATS not available - running in degraded mode`` once,
 keeps trying in the background with jittered back-off, and becomes ``connected`` by
 itself. Once connected, nats-py reconnects for ever (``max_reconnect_attempts=-1``) and
-every (re)connection re-provisions the streams and runs the ``on_connect`` callbacks.
+every (re)connection ensures the JetStream resources (the spec's streams, and what
+components asked for with ``require``) and runs the ``on_connect`` callbacks.
 
 The module-level functions (``init_nats``, ``publish``...) act on one default client,
 as in the spec.
@@ -37,7 +38,7 @@ from liquidcrypto.errors import (
     StreamConflictError,
 )
 from liquidcrypto.nats import headers as hdr
-from liquidcrypto.nats import streams, subjects
+from liquidcrypto.nats import hooks, streams, subjects
 from liquidcrypto.nats.options import connect_options, describe, jittered_delay, redact_url
 from liquidcrypto.nats.subscription import (
     DEFAULT_PENDING_BYTES,
@@ -45,7 +46,6 @@ from liquidcrypto.nats.subscription import (
     Handler,
     MsgHandler,
     Subscription,
-    call_handler,
     json_callback,
 )
 from liquidcrypto.nats.tasks import TaskSet
@@ -53,20 +53,15 @@ from liquidcrypto.nats.tasks import TaskSet
 __all__ = [
     "DEGRADED_LINE",
     "ConnectionState",
-    "Handler",
-    "MsgHandler",
     "NatsClient",
-    "Subscription",
-    "call_handler",
     "close_nats",
     "empty_health",
+    "flush_barrier",
     "get_client",
     "get_nats_health",
     "init_nats",
     "is_nats_connected",
-    "json_callback",
     "publish",
-    "redact_url",
     "request",
     "subscribe",
 ]
@@ -127,7 +122,8 @@ class NatsClient:
         Args:
             url: server URL, or a comma-separated list (default from ``NATS_URL``).
             settings: settings to use (default ``Settings.from_env()``).
-            provision: create/check the three streams on every (re)connection.
+            provision: ensure the spec's three streams on every (re)connection
+                (resources components ``require`` are ensured either way).
             **options: passed to ``nats.connect`` over our defaults.
         """
         self.settings = settings or Settings.from_env()
@@ -150,7 +146,8 @@ class NatsClient:
         self.slow_consumer_events = 0
         self.reconnects = 0
         self.last_error: str | None = None
-        self.stream_conflicts: list[StreamConflictError] = []
+        self._required: dict[str, streams.Resources] = {}
+        self._conflicts: dict[str, list[StreamConflictError]] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -305,10 +302,15 @@ class NatsClient:
 
     @property
     def server_id(self) -> str | None:
+        """The id of the server this client is connected to (``None`` when not connected)."""
         if self._nc is None or not self._nc.is_connected:
             return None
-        sid = self._nc._server_info.get("server_id")
-        return str(sid) if sid else None
+        return hooks.server_id(self._nc)
+
+    @property
+    def stream_conflicts(self) -> list[StreamConflictError]:
+        """The streams found with another retention policy (left as they are), one error each."""
+        return [exc for group in self._conflicts.values() for exc in group]
 
     # -- connecting ------------------------------------------------------------
 
@@ -335,8 +337,7 @@ class NatsClient:
     async def _after_connect(self) -> None:
         """Provision, re-establish pending subscriptions, run callbacks; then mark connected."""
         nc = self.nc
-        if self._provision:
-            await self.provision()
+        await self.provision()
         # CONNECTED first: a subscribe() racing with this loop then establishes its own
         # subscription (establishing is idempotent), so none is missed or made twice.
         self.state = ConnectionState.CONNECTED
@@ -352,9 +353,38 @@ class NatsClient:
                 log.exception("on_connect callback %r failed", cb)
 
     async def provision(self) -> list[StreamConflictError]:
-        """Create or check the three streams (idempotent); the conflicts found, logged."""
-        self.stream_conflicts = await streams.provision(self.js, self.settings.js_replicas, self.settings.dedupe_window)
+        """Ensure the spec's streams (unless built with ``provision=False``) and every group
+        components required (idempotent).
+
+        Returns:
+            the streams in conflict, logged and left as they are (``stream_conflicts``).
+        """
+        groups = [streams.SPEC_STREAMS] if self._provision else []
+        for group in [*groups, *self._required.values()]:
+            await self._ensure(group)
         return self.stream_conflicts
+
+    async def require(self, resources: streams.Resources) -> None:
+        """Ensure a component's JetStream resources now and after every (re)connection.
+
+        Args:
+            resources: the component's group (e.g. ``streams.WORK_QUEUE_RESOURCES``).
+
+        Raises:
+            StreamConflictError: one of its streams exists with another retention policy
+                (the rest are ensured; it is also in ``stream_conflicts``).
+            NatsUnavailableError: NATS is not available now (they are ensured on connection).
+        """
+        self._required[resources.name] = resources
+        conflicts = await self._ensure(resources)
+        if conflicts:
+            raise conflicts[0]
+
+    async def _ensure(self, resources: streams.Resources) -> list[StreamConflictError]:
+        s = self.settings
+        conflicts = await streams.ensure(self.js, resources, replicas=s.js_replicas, dedupe_window=s.dedupe_window)
+        self._conflicts[resources.name] = conflicts
+        return conflicts
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
@@ -410,7 +440,7 @@ class NatsClient:
 
         ``{"connected": bool, "server": str|None, "rtt": ms|None,
         "jetstream": {"enabled": bool, "streams": int}}`` where ``streams`` counts the
-        spec's three streams that exist.
+        spec's three streams (``streams.SPEC_STREAMS``) that exist.
         """
         out = empty_health()
         if not self.is_connected:
@@ -428,11 +458,11 @@ class NatsClient:
         out["server"] = self.server_id
         out["rtt"] = round(rtt * 1000, 3)
         try:
-            infos = await asyncio.wait_for(self.js._jsm.streams_info(), timeout=2)
+            infos = await asyncio.wait_for(self.js.streams_info(), timeout=2)
         except Exception:  # noqa: BLE001
             return out
         names = {i.config.name for i in infos}
-        out["jetstream"] = {"enabled": True, "streams": sum(n in names for n in streams.STREAM_NAMES)}
+        out["jetstream"] = {"enabled": True, "streams": sum(n in names for n in streams.SPEC_STREAMS.stream_names)}
         return out
 
     # -- messaging -------------------------------------------------------------
@@ -619,12 +649,10 @@ async def flush_barrier(nc: NatsConnection, timeout: float) -> None:
     the commands still queued for its flusher task, so the PONG can come back before
     the server has seen a SUB or PUB made just before: measured, a subscription then
     missed the next message from another connection in about 5 % of fresh connections.
-    Waiting for the flusher to write the queue first restores the order.
+    Waiting for the flusher to write the queue first (``hooks.flush_pending``, a private
+    hook of nats-py with a fallback) restores the order.
     """
-    flush_pending = getattr(nc, "_flush_pending", None)  # private: absent in some future nats-py?
-    if flush_pending is not None:
-        # nats-py waits for its flusher without a deadline unless flush_timeout is set.
-        await asyncio.wait_for(flush_pending(force_flush=True), timeout)
+    await hooks.flush_pending(nc, timeout)
     await nc.flush(timeout=max(1, round(timeout)))
 
 

@@ -32,8 +32,12 @@ def dlq_subject_for(task_subject: str) -> str:
 
 
 async def ensure(client: NatsClient) -> None:
-    s = client.settings
-    await infra.ensure_dlq(client.js, s.js_replicas, s.dedupe_window)
+    """Ensure the dead-letter stream (with the rest of the work queue's resources).
+
+    Raises:
+        StreamConflictError: ``ORCHESTRATOR_DLQ`` exists with another retention policy.
+    """
+    await infra.ensure(client)
 
 
 async def publish_dead_letter(client: NatsClient, letter: DeadLetter) -> int:
@@ -72,12 +76,12 @@ async def list_dead_letters(client: NatsClient, limit: int = 100) -> list[DeadLe
     if limit < 1:
         return []
     await ensure(client)
-    jsm = client.js._jsm
+    js = client.js
     out: list[DeadLetter] = []
     seq = 1
     while len(out) < limit:
         try:
-            raw = await jsm.get_msg(infra.DLQ_STREAM, seq=seq, subject=f"{infra.DLQ_PREFIX}.>", next=True)
+            raw = await js.get_msg(infra.DLQ_STREAM, seq=seq, subject=f"{infra.DLQ_PREFIX}.>", next=True)
         except JsNotFoundError:
             break
         assert raw.seq is not None
@@ -104,7 +108,7 @@ async def get_dead_letter(client: NatsClient, dead_letter_id: str) -> DeadLetter
         raise ValueError(f"dead letter id must be a positive integer, got {dead_letter_id!r}")
     await ensure(client)
     try:
-        raw = await client.js._jsm.get_msg(infra.DLQ_STREAM, seq=seq)
+        raw = await client.js.get_msg(infra.DLQ_STREAM, seq=seq)
     except JsNotFoundError:
         raise DeadLetterNotFoundError(f"no dead letter {seq} in {infra.DLQ_STREAM}") from None
     return _letter(seq, raw.data)
@@ -128,7 +132,7 @@ async def requeue_dead_letter(client: NatsClient, dead_letter_id: str) -> Enqueu
     receipt = await enqueue(client, task, task_id=f"{task.dedupe_id}.rq{letter.id}-{letter.failed_at}")
     # A concurrent requeue may have deleted it; its enqueue was de-duplicated with ours.
     with contextlib.suppress(JsNotFoundError):
-        await client.js._jsm.delete_msg(infra.DLQ_STREAM, int(letter.id))
+        await client.js.delete_msg(infra.DLQ_STREAM, int(letter.id))
     metrics.TASKS_DONE.labels(outcome="requeued").inc()
     log.info("requeued dead letter %s as task %s (seq %s)", letter.id, receipt.task_id, receipt.seq)
     return receipt

@@ -1,13 +1,14 @@
-"""JetStream pieces of the work queue beyond the spec's streams, in one place.
+"""The work queue's JetStream policies; its resources are declared in ``liquidcrypto.nats.streams``.
 
-- the shared durable consumer ``orchestrator-workers`` on ``orchestrator.tasks.>``;
-- the dead-letter stream ``ORCHESTRATOR_DLQ`` on ``orchestrator.dlq.>`` (limits, 14 days);
-- the key-value bucket ``ORCHESTRATOR_ATTEMPTS``: failed and unfinished handler runs per
-  task id, so attempts are counted exactly even when specialist routing declines
-  deliveries (the server's delivery count includes declines). Only failures and
+- the shared durable consumer ``orchestrator-workers`` on ``orchestrator.tasks.>``, whose
+  ``ack_wait`` is raised but not lowered while other workers use it;
+- the dead-letter stream ``ORCHESTRATOR_DLQ`` and the key-value bucket
+  ``ORCHESTRATOR_ATTEMPTS`` (``streams.WORK_QUEUE_RESOURCES``): failed and unfinished
+  handler runs per task id, so attempts are counted exactly even when specialist routing
+  declines deliveries (the server's delivery count includes declines). Only failures and
   redeliveries touch it: the first, successful run of a task costs nothing here.
 
-All are created idempotently when the work queue is first used.
+All are ensured idempotently when the work queue is first used.
 """
 
 from __future__ import annotations
@@ -16,45 +17,29 @@ import asyncio
 import base64
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    ConsumerInfo,
-    DeliverPolicy,
-    KeyValueConfig,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
-from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.errors import NotFoundError as JsNotFoundError
+from nats.js.api import ConsumerInfo
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from liquidcrypto import codec
-from liquidcrypto.errors import ConsumerConflictError
-from liquidcrypto.nats import streams, subjects
+from liquidcrypto.nats import streams
+from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.workqueue.puller import PULL_EXPIRES
 
 log = logging.getLogger(__name__)
 
+# The work queue's names for its resources (declared in streams).
 TASKS_STREAM = streams.ORCHESTRATOR_TASKS
-DLQ_STREAM = "ORCHESTRATOR_DLQ"
-DLQ_PREFIX = "orchestrator.dlq"
-DLQ_MAX_AGE = 14 * 24 * 3600.0
-ATTEMPTS_BUCKET = "ORCHESTRATOR_ATTEMPTS"
-ATTEMPTS_TTL = 24 * 3600.0
-WORKER_CONSUMER = "orchestrator-workers"
-TASKS_FILTER = f"{subjects.ORCHESTRATOR_TASKS}.>"
-WORKER_MAX_ACK_PENDING = 10_000
+DLQ_STREAM = streams.ORCHESTRATOR_DLQ
+DLQ_PREFIX = streams.DLQ_PREFIX
+ATTEMPTS_BUCKET = streams.ORCHESTRATOR_ATTEMPTS
+WORKER_CONSUMER = streams.WORKER_CONSUMER
+ERR_WQ_OVERLAP = streams.ERR_WQ_OVERLAP
 # Longer than a worker's pull cycle: an idle worker has a pull request waiting again by then.
 UNUSED_RECHECK = PULL_EXPIRES + 0.5
-
-
-# nats-server error code: "filtered consumer not unique on workqueue stream".
-ERR_WQ_OVERLAP = 10100
 
 
 def result_msg_id(task_id: str) -> str:
@@ -62,56 +47,18 @@ def result_msg_id(task_id: str) -> str:
     return f"result.{task_id}"
 
 
-def dlq_config(replicas: int, dedupe_window: float) -> StreamConfig:
-    return StreamConfig(
-        name=DLQ_STREAM,
-        description="Orchestrator tasks that exhausted their attempts",
-        subjects=[f"{DLQ_PREFIX}.>"],
-        retention=RetentionPolicy.LIMITS,
-        max_age=DLQ_MAX_AGE,
-        storage=StorageType.FILE,
-        num_replicas=replicas,
-        duplicate_window=min(dedupe_window, DLQ_MAX_AGE),
-    )
+async def ensure(client: NatsClient) -> None:
+    """Ensure the work queue's stream and bucket now and after every reconnection.
 
-
-async def ensure_dlq(js: JetStreamContext, replicas: int, dedupe_window: float) -> None:
-    await streams.ensure_stream(js, dlq_config(replicas, dedupe_window))
+    Raises:
+        StreamConflictError: ``ORCHESTRATOR_DLQ`` exists with another retention policy.
+    """
+    await client.require(streams.WORK_QUEUE_RESOURCES)
 
 
 async def ensure_attempts_bucket(js: JetStreamContext, replicas: int) -> KeyValue:
-    try:
-        return await js.key_value(ATTEMPTS_BUCKET)
-    except BucketNotFoundError:
-        pass
-    kv = await js.create_key_value(
-        KeyValueConfig(
-            bucket=ATTEMPTS_BUCKET,
-            description="Failed handler runs per orchestrator task id",
-            history=1,
-            ttl=ATTEMPTS_TTL,
-            storage=StorageType.FILE,
-            replicas=replicas,
-        )
-    )
-    log.info("created key-value bucket %s", ATTEMPTS_BUCKET)
-    return kv
-
-
-def worker_consumer_config(ack_wait: float) -> ConsumerConfig:
-    # max_deliver is unlimited on the server: the worker counts failed runs itself (the
-    # attempts bucket) and terminates the task, so a declined or crashed delivery never
-    # strands a message that the server stopped delivering.
-    return ConsumerConfig(
-        durable_name=WORKER_CONSUMER,
-        description="Orchestrator workers (shared by every worker process)",
-        filter_subject=TASKS_FILTER,
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_wait=ack_wait,
-        max_deliver=-1,
-        max_ack_pending=WORKER_MAX_ACK_PENDING,
-    )
+    """The attempts bucket, created with ``replicas`` if missing."""
+    return await streams.ensure_bucket(js, replace(streams.ORCHESTRATOR_ATTEMPTS_BUCKET, replicas=replicas))
 
 
 async def ensure_worker_consumer(js: JetStreamContext, ack_wait: float) -> ConsumerInfo:
@@ -125,35 +72,28 @@ async def ensure_worker_consumer(js: JetStreamContext, ack_wait: float) -> Consu
     Raises:
         ConsumerConflictError: another consumer on the stream overlaps ``orchestrator.tasks.>``.
     """
-    try:
-        info: ConsumerInfo = await js._jsm.consumer_info(TASKS_STREAM, WORKER_CONSUMER)
+
+    async def keep_longer_ack_wait(info: ConsumerInfo) -> ConsumerInfo | None:
         current = info.config.ack_wait
-        if current is not None and abs(current - ack_wait) < 1e-3:
-            return info
-        if current is not None and current > ack_wait:
-            if not _in_use(info):
-                # An idle worker renews its pull request every second: look once more
-                # after a full cycle, so that the gap between two requests is not mistaken
-                # for no worker at all.
-                await asyncio.sleep(UNUSED_RECHECK)
-                info = await js._jsm.consumer_info(TASKS_STREAM, WORKER_CONSUMER)
-            if _in_use(info):
-                log.info(
-                    "%s keeps ack_wait=%gs while other workers use it (this worker asked for %gs and "
-                    "heartbeats by its own value)", WORKER_CONSUMER, current, ack_wait,
-                )
-                return info
-    except JsNotFoundError:
-        pass
-    try:
-        return await js._jsm.add_consumer(TASKS_STREAM, worker_consumer_config(ack_wait))
-    except BadRequestError as exc:
-        if exc.err_code == ERR_WQ_OVERLAP:
-            raise ConsumerConflictError(
-                f"cannot create {WORKER_CONSUMER} on {TASKS_STREAM}: another consumer's filter overlaps "
-                f"{TASKS_FILTER!r} (work-queue streams allow one consumer per subject)"
-            ) from exc
-        raise
+        if current is None or current <= ack_wait + 1e-3:  # equal, or raising it is safe
+            return None
+        if not _in_use(info):
+            # An idle worker renews its pull request every second: look once more after
+            # a full cycle, so that the gap between two requests is not mistaken for no
+            # worker at all.
+            await asyncio.sleep(UNUSED_RECHECK)
+            info = await js.consumer_info(TASKS_STREAM, WORKER_CONSUMER)
+        if not _in_use(info):
+            return None
+        log.info(
+            "%s keeps ack_wait=%gs while other workers use it (this worker asked for %gs and "
+            "heartbeats by its own value)", WORKER_CONSUMER, current, ack_wait,
+        )
+        return info
+
+    return await streams.ensure_consumer(
+        js, TASKS_STREAM, streams.worker_consumer(ack_wait), keep=keep_longer_ack_wait
+    )
 
 
 def _in_use(info: ConsumerInfo) -> bool:

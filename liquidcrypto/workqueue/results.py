@@ -34,7 +34,8 @@ from nats.js.errors import NotFoundError as JsNotFoundError
 from liquidcrypto.errors import ConsumerConflictError, InvalidPayloadError
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import subjects
-from liquidcrypto.nats.client import ConnectionState, NatsClient, call_handler
+from liquidcrypto.nats.client import ConnectionState, NatsClient
+from liquidcrypto.nats.subscription import call_handler
 from liquidcrypto.workqueue import infra, metrics
 from liquidcrypto.workqueue.models import ResultSet, TaskResult, decode_result
 from liquidcrypto.workqueue.puller import PULL_EXPIRES, Puller

@@ -25,7 +25,8 @@ from nats.js.kv import KeyValue
 from liquidcrypto import codec
 from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError, LiquidNatsError, NatsUnavailableError
 from liquidcrypto.nats import headers as hdr
-from liquidcrypto.nats.client import ConnectionState, NatsClient, call_handler
+from liquidcrypto.nats.client import ConnectionState, NatsClient
+from liquidcrypto.nats.subscription import call_handler
 from liquidcrypto.workqueue import dead_letters, infra, metrics
 from liquidcrypto.workqueue.enqueue import store
 from liquidcrypto.workqueue.models import DeadLetter, OrchestratorTask, TaskResult, coerce_result, decode_task

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from liquidcrypto import A2ABus
-from liquidcrypto.a2a.kv import ensure_bucket
 from liquidcrypto.a2a.lifecycle import TASK_STATES_BUCKET
 from liquidcrypto.config import Settings
 from liquidcrypto.nats.client import NatsClient
@@ -43,8 +42,7 @@ async def test_bus_survives_losing_a_node(nats_cluster: NatsCluster) -> None:
             "ha.tasks.*", lambda t: seen.append(t.data), durable="ha"))
         await bus.update_task_state("ha-task", "submitted")
         await bus.register_agent({"id": "ha-agent"}, heartbeat=False)
-        info = await (await ensure_bucket(client.js, TASK_STATES_BUCKET, ttl=None, replicas=3,
-                                          description="")).status()
+        info = await (await client.js.key_value(TASK_STATES_BUCKET)).status()
         assert info.stream_info.config.num_replicas == 3
         for i in range(3):
             await bus.publish_task("ha", "job", i)

@@ -19,8 +19,9 @@ from liquidcrypto.errors import (
     NatsUnavailableError,
     RequestTimeoutError,
 )
-from liquidcrypto.nats.client import DEGRADED_LINE, ConnectionState, NatsClient, redact_url
+from liquidcrypto.nats.client import DEGRADED_LINE, ConnectionState, NatsClient
 from liquidcrypto.nats.embedded import NatsServer, free_port
+from liquidcrypto.nats.options import redact_url
 from tests.helpers import eventually
 
 MakeClient = Callable[..., Awaitable[NatsClient]]
@@ -56,7 +57,7 @@ async def test_streams_are_provisioned_exactly(client: NatsClient) -> None:
 
 async def test_provisioning_is_idempotent_and_repairs_drift(client: NatsClient) -> None:
     info = await client.js.stream_info("TRADE_EVENTS")
-    await client.js._jsm.update_stream(dataclasses.replace(info.config, subjects=["trades.>"]))
+    await client.js.update_stream(dataclasses.replace(info.config, subjects=["trades.>"]))
     before = (await client.js.stream_info("A2A_TASKS")).state
     assert await client.provision() == []
     assert (await client.js.stream_info("TRADE_EVENTS")).config.subjects == ["trades.>", "ws.broadcast"]
@@ -64,7 +65,7 @@ async def test_provisioning_is_idempotent_and_repairs_drift(client: NatsClient) 
 
 
 async def test_stream_is_recreated_on_reconnect_after_deletion(client: NatsClient, nats_server: NatsServer) -> None:
-    await client.js._jsm.delete_stream("A2A_TASKS")
+    await client.js.delete_stream("A2A_TASKS")
     assert (await client.health())["jetstream"]["streams"] == 2
     nats_server.restart()
 
@@ -80,7 +81,7 @@ async def test_existing_stream_with_other_retention_is_not_changed(
 ) -> None:
     async with NatsClient(nats_server.url, settings=Settings(), provision=False) as raw:
         await raw.wait_connected(10)
-        await raw.js._jsm.add_stream(
+        await raw.js.add_stream(
             StreamConfig(name="TRADE_EVENTS", subjects=["trades.>", "ws.broadcast"], retention=RetentionPolicy.INTEREST)
         )
     with caplog.at_level(logging.ERROR):

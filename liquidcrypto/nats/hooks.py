@@ -1,0 +1,51 @@
+"""The only place that touches nats-py internals.
+
+nats-py (2.9 to 2.16) has no public way to do two things this project needs:
+
+- ``server_id``: the id of the server the connection is on, for the health report
+  (``connected_server_version``, ``client_id`` and ``connected_url`` are public; the
+  server's id is only in the private ``_server_info``).
+- ``flush_pending``: wait until the client's flusher task has written the commands queued
+  so far (``_flush_pending``), which makes ``flush()`` a real barrier (see
+  ``liquidcrypto.nats.client.flush_barrier``).
+
+Each access falls back to doing without when a nats-py release drops the attribute:
+the health report then shows no server id, and the barrier is plain ``flush()``.
+``tests/nats/test_hooks.py`` exercises both paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+
+def server_id(nc: object) -> str | None:
+    """The id of the server the connection ``nc`` talks to, or ``None`` if unknown."""
+    info = getattr(nc, "_server_info", None)
+    if not isinstance(info, Mapping):
+        return None
+    sid = info.get("server_id")
+    return str(sid) if sid else None
+
+
+async def flush_pending(nc: object, timeout: float) -> bool:
+    """Wait until nats-py's flusher has written every command queued on ``nc`` so far.
+
+    Args:
+        timeout: seconds to wait (nats-py waits without a deadline otherwise).
+
+    Returns:
+        whether the wait happened (``False``: this nats-py has no such hook).
+
+    Raises:
+        TimeoutError: the flusher did not write within ``timeout``.
+    """
+    flush = getattr(nc, "_flush_pending", None)
+    if flush is None:
+        return False
+    await asyncio.wait_for(flush(force_flush=True), timeout)
+    return True

@@ -1,0 +1,82 @@
+"""The one module that touches nats-py internals: the real path on a live connection,
+and the fallback when a nats-py release no longer has the attribute."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+
+from liquidcrypto.nats import hooks
+from liquidcrypto.nats.client import NatsClient, flush_barrier
+from liquidcrypto.nats.embedded import NatsServer
+
+
+async def test_server_id_of_a_live_connection(nats_server: NatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        sid = hooks.server_id(nc)
+        assert sid is not None and sid.startswith("N")
+    finally:
+        await nc.close()
+
+
+async def test_client_reports_the_server_id_through_the_hook(client: NatsClient) -> None:
+    assert client.server_id == hooks.server_id(client.nc)
+    assert client.server_id is not None
+
+
+def test_server_id_falls_back_to_none_without_the_attribute() -> None:
+    class Bare:
+        pass
+
+    class Odd:
+        _server_info = "not a mapping"
+
+    class Empty:
+        _server_info: dict[str, object] = {}
+
+    assert hooks.server_id(Bare()) is None
+    assert hooks.server_id(Odd()) is None
+    assert hooks.server_id(Empty()) is None
+
+
+async def test_flush_pending_waits_for_the_flusher_of_a_live_connection(nats_server: NatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.publish("hook.x", b"1")
+        assert nc.pending_data_size > 0  # queued for the flusher task, not written yet
+        assert await hooks.flush_pending(nc, 2.0) is True
+        assert nc.pending_data_size == 0  # the flusher wrote everything queued so far
+    finally:
+        await nc.close()
+
+
+class _FlushOnly:
+    """A connection-like object with a public ``flush`` and no private hook."""
+
+    def __init__(self) -> None:
+        self.flushes: list[float] = []
+
+    async def flush(self, timeout: float = 2) -> None:
+        self.flushes.append(timeout)
+
+
+async def test_flush_pending_falls_back_to_nothing_without_the_attribute() -> None:
+    assert await hooks.flush_pending(_FlushOnly(), 1.0) is False
+
+
+async def test_flush_barrier_without_the_hook_is_a_plain_flush() -> None:
+    conn = _FlushOnly()
+    await flush_barrier(conn, 3.0)  # type: ignore[arg-type]
+    assert conn.flushes == [3]
+
+
+async def test_flush_pending_has_a_deadline() -> None:
+    class Stuck:
+        async def _flush_pending(self, force_flush: bool = False) -> None:
+            await asyncio.Event().wait()
+
+    with pytest.raises(TimeoutError):
+        await hooks.flush_pending(Stuck(), 0.05)
