@@ -631,7 +631,7 @@ class NatsClient:
         except (nats.errors.Error, TimeoutError, NatsUnavailableError) as exc:
             await sub.unsubscribe()
             raise NatsUnavailableError(f"no consumer on {stream} for {subject!r}: {exc!r}") from exc
-        return StreamSubscription(lambda: self.js, sub, stream, info)
+        return StreamSubscription(self, sub, stream, info)
 
     async def settle_subscriptions(self, timeout: float = SUBSCRIBE_FLUSH_TIMEOUT) -> None:
         """``flush()`` after subscribing, when connected; never raises (a connection that

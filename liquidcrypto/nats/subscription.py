@@ -4,11 +4,12 @@ which outlives degraded starts (it is established once the client connects); and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 from nats.aio.client import Client as NatsConnection
@@ -33,6 +34,7 @@ DEFAULT_PENDING_BYTES = 64 * 1024 * 1024
 
 # The server's flow-control subjects; nothing else is ever answered from a status message.
 _FLOW_CONTROL_PREFIX = "$JS.FC."
+DELETE_TIMEOUT = 2.0  # seconds an unsubscribe waits for its consumer's deletion
 
 
 async def call_handler(handler: Callable[..., Any], *args: Any) -> Any:
@@ -172,6 +174,16 @@ def stream_callback(callback: MsgHandler, publish: Callable[[str, bytes], Awaita
     return on_msg
 
 
+class JetStreamOwner(Protocol):
+    """What a ``StreamSubscription`` needs of its client."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def js(self) -> JetStreamContext: ...
+
+
 class StreamSubscription:
     """A JetStream push consumer made for one subscription of the client.
 
@@ -187,10 +199,8 @@ class StreamSubscription:
             from its start at that moment.
     """
 
-    def __init__(
-        self, js: Callable[[], JetStreamContext], sub: Subscription, stream: str, info: ConsumerInfo
-    ) -> None:
-        self._js = js
+    def __init__(self, client: JetStreamOwner, sub: Subscription, stream: str, info: ConsumerInfo) -> None:
+        self._client = client
         self._sub = sub
         self.stream = stream
         self.consumer: str = info.name
@@ -217,7 +227,7 @@ class StreamSubscription:
             NatsUnavailableError: NATS is not available.
             nats.js.errors.NotFoundError: the consumer is gone.
         """
-        info: ConsumerInfo = await self._js().consumer_info(self.stream, self.consumer)
+        info: ConsumerInfo = await self._client.js.consumer_info(self.stream, self.consumer)
         return info
 
     async def unsubscribe(self) -> None:
@@ -225,8 +235,12 @@ class StreamSubscription:
         if self._sub.closed:
             return
         await self._sub.unsubscribe()
+        if not self._client.is_connected:
+            # Not now: it expires after its inactive_threshold (gone already if the server restarted).
+            log.debug("consumer %s of %s left to expire (not connected)", self.consumer, self.stream)
+            return
         try:
-            await self._js().delete_consumer(self.stream, self.consumer)
+            await asyncio.wait_for(self._client.js.delete_consumer(self.stream, self.consumer), DELETE_TIMEOUT)
         except NotFoundError:
             pass  # already gone: expired, or the server lost it
         except (nats.errors.Error, TimeoutError, NatsUnavailableError) as exc:

@@ -92,6 +92,9 @@ async def test_cross_instance_delivery_and_one_feed_per_symbol(make_manager: Mak
     await unsubs[2]()
     assert a.stats()["feeds"] == []
     await unsub_b()
+    # A closed feed deletes its consumer (nats-py's unsubscribe alone would leave it).
+    consumers = await client.js.consumers_info(TRADE_EVENTS)
+    assert not any(c.config.filter_subject == "trades.SOL" for c in consumers)
 
 
 async def test_use_before_init_or_after_close_is_refused(client: NatsClient) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
+from liquidcrypto.errors import InvalidSubjectError
 from liquidcrypto.nats import ranges
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.ranges import Last, RangeEnd, StoredMsg, StreamRange, read_range
@@ -110,9 +111,13 @@ async def test_empty_ranges(js_client: NatsClient) -> None:
     assert msgs == [] and rng.complete
     msgs, rng = await read(js_client, "rng.e", start=s1 + 1)  # starts after the end
     assert msgs == [] and rng.complete
+    msgs, rng = await read(js_client, "rng.e", end_seq=0)
+    assert msgs == [] and rng.complete
     for bad in (0, -1, True, "1"):
         with pytest.raises(ValueError, match="start"):
             await read(js_client, "rng.>", start=bad)
+    with pytest.raises(InvalidSubjectError):
+        await read(js_client, "rng..x")
 
 
 async def test_the_end_is_fixed_when_the_range_is_entered(js_client: NatsClient) -> None:
