@@ -163,6 +163,7 @@ class StreamRange:
         self._pending = 0  # messages not read yet that the current consumer counted at its creation
         self._last = 0  # stream sequence of the last message read
         self._peeked: Msg | None = None
+        self._entered = False
 
     @property
     def complete(self) -> bool:
@@ -177,6 +178,9 @@ class StreamRange:
     # -- opening and closing ------------------------------------------------------
 
     async def __aenter__(self) -> StreamRange:
+        if self._entered:
+            raise RuntimeError("a range is read once")
+        self._entered = True
         subjects.pattern(self.subject)
         if self._limit is not None and self._limit < 0:
             raise ValueError(f"limit={self._limit} must be >= 0")
@@ -299,6 +303,8 @@ class StreamRange:
         return self
 
     async def __anext__(self) -> StoredMsg:
+        if not self._entered:
+            raise RuntimeError("read a range inside 'async with read_range(...) as rng'")
         if self.end is not None:
             raise StopAsyncIteration
         msg = await self._next()
