@@ -407,7 +407,7 @@ class A2ABus:
             InvalidSubjectError: the pattern is invalid.
         """
         self._check_open()
-        async for envelope in history.replay(self.client.js, absolute_pattern(pattern), since, limit=limit):
+        async for envelope in history.replay(self.client, absolute_pattern(pattern), since, limit=limit):
             yield envelope
 
     # -- request / reply -------------------------------------------------------

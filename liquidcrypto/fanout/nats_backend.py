@@ -6,12 +6,13 @@
   retries publications whose ack is missing after ``ack_timeout``. A failed or missing
   ack is retried with the same ``Nats-Msg-Id`` (the stream drops a duplicate), then
   counted and logged as failed; the slot stays taken until then.
-- **Feeds** (hop 2): per symbol, a push consumer (no acks, no flow control) delivering
-  new messages with their stream sequence, with explicit pending limits. A jump in the
+- **Feeds** (hop 2): per symbol, a push consumer made by ``NatsClient.subscribe_stream``
+  (no acks, no flow control) delivering new messages with their stream sequence, with
+  explicit pending limits; closing a feed deletes its consumer. A jump in the
   consumer sequence (slow-consumer drops) recreates it right after the last delivered
   stream sequence, and ``resume_feeds`` does so after every reconnection, so the feed
   has no holes.
-- **History**: ``nats_history`` reads the stream from a start sequence.
+- **History**: ``nats_history`` reads the stream with the stream-range reader.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -37,7 +37,7 @@ from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.streams import TRADE_EVENTS
-from liquidcrypto.nats.subscription import Subscription
+from liquidcrypto.nats.subscription import StreamSubscription, Subscription
 from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class NatsBackend:
         self._drained = asyncio.Event()
         self._drained.set()
         self._acker: asyncio.Task[None] | None = None
-        self._feeds: dict[str, Any] = {}
+        self._feeds: dict[str, StreamSubscription] = {}
         self._feed_last: dict[str, int] = {}  # last stream sequence each feed delivered
         self._feed_gen: dict[str, int] = {}  # bumped at each (re)subscription of a feed
         self._tasks = TaskSet("ws-backend")
@@ -277,7 +277,7 @@ class NatsBackend:
         if symbol in self._feeds:
             return
         try:
-            state = (await self.client.js._jsm.stream_info(TRADE_EVENTS)).state
+            state = (await self.client.js.stream_info(TRADE_EVENTS)).state
         except (nats.errors.Error, TimeoutError) as exc:
             raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
         # Start right after what is stored now (like "new", but from a known sequence).
@@ -338,19 +338,17 @@ class NatsBackend:
             inactive_threshold=FEED_INACTIVE_THRESHOLD,
         )
         try:
-            sub = await self.client.js.subscribe(
+            sub = await self.client.subscribe_stream(
+                TRADE_EVENTS,
                 subjects.trade(symbol),
-                cb=callback,
-                stream=TRADE_EVENTS,
+                callback,
                 config=config,
-                manual_ack=True,
                 pending_msgs_limit=FEED_PENDING_MSGS,
                 pending_bytes_limit=FEED_PENDING_BYTES,
             )
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
+        except NatsUnavailableError as exc:
+            raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc}") from exc
         self._feeds[symbol] = sub
-        await self.client.settle_subscriptions()
         log.debug("feed of %s open from seq %d", symbol, start)
 
     async def _watch_drops(self) -> None:
@@ -373,7 +371,7 @@ class NatsBackend:
                     continue  # still draining; a gap will show in the sequence
                 try:
                     info = await sub.consumer_info()
-                except (nats.errors.Error, TimeoutError) as exc:
+                except (nats.errors.Error, TimeoutError, NatsUnavailableError) as exc:
                     log.debug("consumer info of the feed of %s: %r", symbol, exc)
                     continue
                 delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
@@ -385,8 +383,7 @@ class NatsBackend:
         old = self._feeds.get(symbol)
         if old is None or self._feed_gen.get(symbol) != generation:
             return  # closed or already recreated
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
-            await old.unsubscribe()
+        await old.unsubscribe()
         try:
             await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
         except NatsUnavailableError as exc:
@@ -400,10 +397,7 @@ class NatsBackend:
         heartbeats; this makes recovery immediate and gap-free.
         """
         for symbol, sub in list(self._feeds.items()):
-            try:
-                await sub.unsubscribe()
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.debug("dropping the old feed of %s: %r", symbol, exc)
+            await sub.unsubscribe()
             try:
                 await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
             except NatsUnavailableError as exc:
@@ -415,10 +409,7 @@ class NatsBackend:
         if sub is None:
             return
         metrics.FEEDS.dec()
-        try:
-            await sub.unsubscribe()
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.debug("unsubscribing feed %s: %r", symbol, exc)
+        await sub.unsubscribe()  # deletes its consumer
         log.debug("feed closed: %s", symbol)
 
     # -- history ---------------------------------------------------------------
@@ -427,7 +418,7 @@ class NatsBackend:
         self, symbol: str, *, since_seq: int | None, last: int | None, limit: int
     ) -> tuple[list[tuple[int, bytes]], bool]:
         """Stored trades of ``symbol`` after ``since_seq``, or its ``last`` N (see ``nats_history``)."""
-        return await nats_history.read_history(self.client.js, symbol, since_seq=since_seq, last=last, limit=limit)
+        return await nats_history.read_history(self.client, symbol, since_seq=since_seq, last=last, limit=limit)
 
     def stats(self) -> dict[str, int]:
         return {

@@ -25,7 +25,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NatsConnection
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
+from nats.js.api import ConsumerConfig, PubAck
 from nats.js.errors import NoStreamResponseError, TooManyStalledMsgsError
 from prometheus_client import Counter, Gauge
 
@@ -45,8 +45,10 @@ from liquidcrypto.nats.subscription import (
     DEFAULT_PENDING_MSGS,
     Handler,
     MsgHandler,
+    StreamSubscription,
     Subscription,
     json_callback,
+    stream_callback,
 )
 from liquidcrypto.nats.tasks import TaskSet
 
@@ -607,6 +609,59 @@ class NatsClient:
             await sub._establish(self.nc)
             await self.settle_subscriptions()
         return sub
+
+    async def subscribe_stream(
+        self,
+        stream: str,
+        subject: str,
+        callback: MsgHandler,
+        *,
+        config: ConsumerConfig,
+        pending_msgs_limit: int = DEFAULT_PENDING_MSGS,
+        pending_bytes_limit: int = DEFAULT_PENDING_BYTES,
+    ) -> StreamSubscription:
+        """Push the messages of ``stream`` on ``subject`` (a pattern) to a raw nats-py callback.
+
+        A subscription of this client on a fresh inbox (with these pending limits: past
+        them nats-py drops and the client counts a slow-consumer event, as for
+        ``subscribe``) is in place before an ephemeral push consumer delivering to it is
+        created, so nothing is pushed to nobody. Flow-control requests and heartbeats, if
+        ``config`` asks for them, are answered here and never reach ``callback``; with
+        explicit acks, acking is the callback's job. ``unsubscribe()`` deletes the consumer.
+        Nothing re-creates the consumer after a reconnection: the caller knows where to
+        resume from.
+
+        Args:
+            stream: the stream to read.
+            subject: the filter subject.
+            config: the consumer (start, acks, flow control...); its deliver subject and
+                filter are set here.
+
+        Returns:
+            the subscription; its ``info`` is the consumer as created.
+
+        Raises:
+            InvalidSubjectError: the subject is invalid.
+            NatsUnavailableError: NATS is not connected, or the consumer could not be created.
+        """
+        _checked_pattern(subject)
+        if not self.is_connected:
+            raise NatsUnavailableError(f"NATS at {self.display_url} is not connected; no consumer on {stream}")
+        inbox = self.nc.new_inbox()
+        sub = await self.subscribe_msgs(
+            inbox,
+            stream_callback(callback, self.publish_raw),
+            pending_msgs_limit=pending_msgs_limit,
+            pending_bytes_limit=pending_bytes_limit,
+        )
+        try:
+            info = await self.js.add_consumer(
+                stream, dataclasses.replace(config, deliver_subject=inbox, filter_subject=subject)
+            )
+        except (nats.errors.Error, TimeoutError, NatsUnavailableError) as exc:
+            await sub.unsubscribe()
+            raise NatsUnavailableError(f"no consumer on {stream} for {subject!r}: {exc!r}") from exc
+        return StreamSubscription(self, sub, stream, info)
 
     async def settle_subscriptions(self, timeout: float = SUBSCRIBE_FLUSH_TIMEOUT) -> None:
         """``flush()`` after subscribing, when connected; never raises (a connection that

@@ -11,6 +11,8 @@ STATUS: Final = "Status"
 """Status code of a pull request's control message (404 no messages, 408 expired...)."""
 DESCRIPTION: Final = "Description"
 PENDING_MESSAGES: Final = "Nats-Pending-Messages"
+CONSUMER_STALLED: Final = "Nats-Consumer-Stalled"
+"""On a push consumer's idle heartbeat: the flow-control subject the server waits an answer on."""
 
 # The work queue's own headers.
 SPECIALIST: Final = "Lc-Specialist"

@@ -1,21 +1,27 @@
-"""JSON subscriptions: the callback wrapper every subscriber shares, and ``Subscription``,
-which outlives degraded starts (it is established once the client connects)."""
+"""JSON subscriptions: the callback wrapper every subscriber shares; ``Subscription``,
+which outlives degraded starts (it is established once the client connects); and
+``StreamSubscription``, a JetStream push consumer delivering to one of them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo, StatusCode
+from nats.js.errors import NotFoundError
 
 from liquidcrypto import codec
-from liquidcrypto.errors import InvalidPayloadError
+from liquidcrypto.errors import InvalidPayloadError, NatsUnavailableError
+from liquidcrypto.nats import headers as hdr
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,10 @@ MsgHandler = Callable[[Msg], Awaitable[None]]
 # Pending limits of a subscription: explicit, so slow consumers are a counted event.
 DEFAULT_PENDING_MSGS = 65_536
 DEFAULT_PENDING_BYTES = 64 * 1024 * 1024
+
+# The server's flow-control subjects; nothing else is ever answered from a status message.
+_FLOW_CONTROL_PREFIX = "$JS.FC."
+DELETE_TIMEOUT = 2.0  # seconds an unsubscribe waits for its consumer's deletion
 
 
 async def call_handler(handler: Callable[..., Any], *args: Any) -> Any:
@@ -136,3 +146,103 @@ class Subscription:
             with contextlib.suppress(nats.errors.ConnectionClosedError):
                 await self._sub.drain()  # type: ignore[no-untyped-call]
         await self.unsubscribe()
+
+
+def stream_callback(callback: MsgHandler, publish: Callable[[str, bytes], Awaitable[None]]) -> MsgHandler:
+    """Wrap a push consumer's ``callback``: answer its status messages, pass the rest on.
+
+    Flow-control requests and idle heartbeats arrive on the deliver subject as status
+    ``100`` messages with no data. They are in order with the messages, so when one reaches
+    this wrapper, ``callback`` has returned for everything before it: a flow-control request
+    (or a heartbeat naming the stalled one) is answered at once, which lets a callback that
+    blocks pace the server. Only ``$JS.FC.`` subjects are answered: anyone in the account
+    who learns the inbox could send a "heartbeat" naming, say, a ``$JS.API`` subject.
+    """
+
+    async def on_msg(msg: Msg) -> None:
+        headers = msg.headers
+        if msg.data or not headers or headers.get(hdr.STATUS) != StatusCode.CONTROL_MESSAGE:
+            await callback(msg)
+            return
+        reply = msg.reply or headers.get(hdr.CONSUMER_STALLED)
+        if reply and reply.startswith(_FLOW_CONTROL_PREFIX):
+            try:
+                await publish(reply, b"")
+            except NatsUnavailableError as exc:  # the next heartbeat names it again
+                log.debug("flow-control answer on %s not sent: %s", msg.subject, exc)
+
+    return on_msg
+
+
+class JetStreamOwner(Protocol):
+    """What a ``StreamSubscription`` needs of its client."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def js(self) -> JetStreamContext: ...
+
+
+class StreamSubscription:
+    """A JetStream push consumer made for one subscription of the client.
+
+    ``NatsClient.subscribe_stream`` builds it. ``unsubscribe()`` deletes the consumer:
+    nats-py's ``unsubscribe`` leaves an ephemeral consumer on the server until its
+    ``inactive_threshold``, and the server's consumer limits are then within reach of
+    whoever can make us subscribe.
+
+    Attributes:
+        stream: the stream the consumer reads.
+        consumer: the consumer's name.
+        info: the consumer as created; ``info.num_pending`` counts the stored messages
+            from its start at that moment.
+    """
+
+    def __init__(self, client: JetStreamOwner, sub: Subscription, stream: str, info: ConsumerInfo) -> None:
+        self._client = client
+        self._sub = sub
+        self.stream = stream
+        self.consumer: str = info.name
+        self.info = info
+
+    @property
+    def subject(self) -> str:
+        """The consumer's filter subject."""
+        return str(self.info.config.filter_subject)
+
+    @property
+    def closed(self) -> bool:
+        return self._sub.closed
+
+    @property
+    def pending_msgs(self) -> int:
+        """Messages received and not yet passed to the callback."""
+        return self._sub.pending_msgs
+
+    async def consumer_info(self) -> ConsumerInfo:
+        """The consumer's current state on the server.
+
+        Raises:
+            NatsUnavailableError: NATS is not available.
+            nats.js.errors.NotFoundError: the consumer is gone.
+        """
+        info: ConsumerInfo = await self._client.js.consumer_info(self.stream, self.consumer)
+        return info
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving and delete the consumer; idempotent, never raises."""
+        if self._sub.closed:
+            return
+        await self._sub.unsubscribe()
+        if not self._client.is_connected:
+            # Not now: it expires after its inactive_threshold (gone already if the server restarted).
+            log.debug("consumer %s of %s left to expire (not connected)", self.consumer, self.stream)
+            return
+        try:
+            await asyncio.wait_for(self._client.js.delete_consumer(self.stream, self.consumer), DELETE_TIMEOUT)
+        except NotFoundError:
+            pass  # already gone: expired, or the server lost it
+        except (nats.errors.Error, TimeoutError, NatsUnavailableError) as exc:
+            # Without a connection it expires after its inactive_threshold.
+            log.debug("consumer %s of %s not deleted: %r", self.consumer, self.stream, exc)

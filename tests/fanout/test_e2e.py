@@ -83,7 +83,7 @@ async def test_subscribe_unsubscribe_and_one_feed_per_symbol_per_instance(
         for c in clients:
             await c.subscribe(["XS1", "XS2"])
         assert {"XS1", "XS2"} <= set(app.stats()["feeds"])
-        consumers = await client.js._jsm.consumers_info("TRADE_EVENTS")
+        consumers = await client.js.consumers_info("TRADE_EVENTS")
         # Three clients, one consumer per symbol on this instance.
         assert sum(c.config.filter_subject == "trades.XS1" for c in consumers) == 1
         await clients[0].send({"action": "unsubscribe", "symbols": ["XS1"]})

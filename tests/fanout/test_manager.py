@@ -78,7 +78,7 @@ async def test_cross_instance_delivery_and_one_feed_per_symbol(make_manager: Mak
     got_b: list[Any] = []
     unsub_b = await b.subscribe_to_trade_events("SOL", got_b.append)
     # Three handlers on instance a share one feed: two consumers on the server in all.
-    consumers = await client.js._jsm.consumers_info(TRADE_EVENTS)
+    consumers = await client.js.consumers_info(TRADE_EVENTS)
     assert sum(c.config.filter_subject == "trades.SOL" for c in consumers) == 2
     assert a.stats()["feeds"] == ["SOL"] and b.stats()["feeds"] == ["SOL"]
     for i in range(50):
@@ -92,6 +92,9 @@ async def test_cross_instance_delivery_and_one_feed_per_symbol(make_manager: Mak
     await unsubs[2]()
     assert a.stats()["feeds"] == []
     await unsub_b()
+    # A closed feed deletes its consumer (nats-py's unsubscribe alone would leave it).
+    consumers = await client.js.consumers_info(TRADE_EVENTS)
+    assert not any(c.config.filter_subject == "trades.SOL" for c in consumers)
 
 
 async def test_use_before_init_or_after_close_is_refused(client: NatsClient) -> None:
@@ -167,7 +170,7 @@ async def test_missing_acks_are_retried_with_the_same_id_and_stored_once(
     stats = backend.stats()
     await backend.stop()
     assert stats["acked"] == 5 and stats["failed"] == 0 and stats["inflight"] == 0
-    info = await client.js._jsm.stream_info(TRADE_EVENTS, subjects_filter="trades.RTY")
+    info = await client.js.stream_info(TRADE_EVENTS, subjects_filter="trades.RTY")
     assert info.state.messages == 5  # the first publish and its retries share one Nats-Msg-Id
 
 

@@ -330,3 +330,89 @@ async def test_establishing_a_subscription_twice_concurrently_makes_one(client: 
     await client.publish("once.x", 2)
     await eventually(lambda: got == [1, 2], what="second delivery, once")
     await sub.unsubscribe()
+
+
+# -- subscribe_stream: JetStream push consumers through the client ---------------------
+
+
+async def test_subscribe_stream_delivers_and_deletes_its_consumer_on_unsubscribe(client: NatsClient) -> None:
+    from nats.aio.msg import Msg
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    await client.js_publish("trades.SS1", {"i": 0})
+    got: list[tuple[int, bytes]] = []
+
+    async def on_msg(msg: Msg) -> None:
+        got.append((msg.metadata.sequence.stream, msg.data))
+
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0)
+    sub = await client.subscribe_stream("TRADE_EVENTS", "trades.SS1", on_msg, config=config)
+    assert sub.info.num_pending == 1 and sub.subject == "trades.SS1"
+    consumers = await client.js.consumers_info("TRADE_EVENTS")
+    assert [c.name for c in consumers] == [sub.consumer]
+    assert consumers[0].config.filter_subject == "trades.SS1"
+    await client.js_publish("trades.SS1", {"i": 1})
+    await client.js_publish("trades.OTHER", {"i": 2})
+    await eventually(lambda: len(got) == 2, what="both trades of SS1")
+    assert [data for _, data in got] == [b'{"i":0}', b'{"i":1}']
+    assert (await sub.consumer_info()).delivered.stream_seq == got[-1][0]
+    await sub.unsubscribe()
+    # nats-py's unsubscribe would leave it until its inactive_threshold (60 s here).
+    assert await client.js.consumers_info("TRADE_EVENTS") == []
+    assert sub.closed
+    await sub.unsubscribe()  # idempotent
+    await client.js_publish("trades.SS1", {"i": 3})
+    await client.flush()
+    assert len(got) == 2
+
+
+async def test_subscribe_stream_answers_flow_control_only_on_flow_control_subjects(client: NatsClient) -> None:
+    from nats.aio.msg import Msg
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    got: list[bytes] = []
+
+    async def on_msg(msg: Msg) -> None:
+        got.append(msg.data)
+
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.NONE, flow_control=True, idle_heartbeat=5.0
+    )
+    sub = await client.subscribe_stream("TRADE_EVENTS", "trades.FC1", on_msg, config=config)
+    lured: list[str] = []
+
+    async def on_lure(msg: Msg) -> None:
+        lured.append(msg.subject)
+
+    await client.subscribe_msgs("lure.>", on_lure)
+    # Anyone who learns the inbox can send a "heartbeat"; it must not make us publish.
+    inbox = sub.info.config.deliver_subject
+    await client.nc.publish(inbox, b"", headers={"Status": "100", "Nats-Consumer-Stalled": "lure.x"})
+    await client.nc.publish(inbox, b"", headers={"Status": "100"}, reply="lure.y")
+    await client.js_publish("trades.FC1", {"i": 1})
+    await eventually(lambda: got == [b'{"i":1}'], what="the trade, and nothing else")
+    await client.flush()
+    await client.publish("lure.end", "end")
+    await eventually(lambda: lured, what="the probe")
+    assert lured == ["lure.end"]
+    await sub.unsubscribe()
+
+
+async def test_subscribe_stream_validates_and_needs_a_connection(client: NatsClient) -> None:
+    from nats.js.api import ConsumerConfig
+
+    async def ignore(msg: object) -> None:
+        return None
+
+    with pytest.raises(InvalidSubjectError):
+        await client.subscribe_stream("TRADE_EVENTS", "trades..x", ignore, config=ConsumerConfig())
+    with pytest.raises(NatsUnavailableError, match="NO_SUCH_STREAM"):
+        await client.subscribe_stream("NO_SUCH_STREAM", "trades.x", ignore, config=ConsumerConfig())
+    assert await client.js.consumers_info("TRADE_EVENTS") == []
+    degraded = NatsClient(f"nats://127.0.0.1:{free_port()}", settings=Settings())
+    try:
+        await degraded.connect()
+        with pytest.raises(NatsUnavailableError, match="not connected"):
+            await degraded.subscribe_stream("TRADE_EVENTS", "trades.x", ignore, config=ConsumerConfig())
+    finally:
+        await degraded.close()
