@@ -461,7 +461,7 @@ class A2ABus:
         )
         try:
             await self.publish_system_event(
-                TASK_STATE_CHANGED, change.model_dump(mode="json", exclude_none=True), task_id=task_id,
+                TASK_STATE_CHANGED, change.to_dict(), task_id=task_id,
                 id=f"{task_id}:state:{change.seq}",
             )
         except NatsUnavailableError as exc:
@@ -503,7 +503,7 @@ class A2ABus:
             ValueError: the card has no valid ``id``.
         """
         self._check_open()
-        model = card if isinstance(card, AgentCard) else AgentCard.model_validate(dict(card))
+        model = card if isinstance(card, AgentCard) else AgentCard.from_dict(card)
         return await self._agents().register(model, heartbeat=heartbeat)
 
     async def heartbeat(self, agent_id: str, status: dict[str, Any] | None = None) -> None:

@@ -21,8 +21,8 @@ from typing import Any
 
 import nats.js.errors
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, ConfigDict
 
+from liquidcrypto import codec
 from liquidcrypto.a2a.envelope import now_ms
 from liquidcrypto.a2a.kv import kv_key, open_bucket
 from liquidcrypto.errors import IllegalTransitionError, InvalidPayloadError
@@ -82,10 +82,12 @@ def check_transition(task_id: str, current: TaskState | None, new: TaskState) ->
         raise IllegalTransitionError(f"task {task_id!r}: illegal transition {where}{why}")
 
 
-class TaskStateChange(BaseModel):
-    """One state change of one task; ``seq`` counts 1, 2, 3... per task."""
+class TaskStateChange(codec.Model, frozen=True, kw_only=True, omit_defaults=True):
+    """One state change of one task; ``seq`` counts 1, 2, 3... per task.
 
-    model_config = ConfigDict(frozen=True)
+    On the wire (the ``task_state_changed`` event's data, the stored history) fields that
+    are ``None`` are left out.
+    """
 
     task_id: str
     seq: int
@@ -97,7 +99,7 @@ class TaskStateChange(BaseModel):
     data: Any = None
 
 
-class TaskRecord(BaseModel):
+class TaskRecord(codec.Model, frozen=True, kw_only=True, omit_defaults=True):
     """The stored history of a task (the value of its key in ``A2A_TASK_STATES``)."""
 
     task_id: str
@@ -114,7 +116,7 @@ class TaskRecord(BaseModel):
 
 def _parse(task_id: str, raw: bytes | None) -> TaskRecord:
     try:
-        return TaskRecord.model_validate_json(raw or b"")
+        return TaskRecord.decode(raw or b"")
     except ValueError as exc:
         raise InvalidPayloadError(f"stored state of task {task_id!r} is unreadable: {exc}") from exc
 
@@ -176,7 +178,7 @@ class TaskStateStore:
                 data=data,
             )
             changes = [*(record.changes if record else []), change]
-            value = TaskRecord(task_id=task_id, changes=changes).model_dump_json(exclude_none=True).encode()
+            value = TaskRecord(task_id=task_id, changes=changes).encode()
             try:
                 if revision:
                     await kv.update(key, value, last=revision)

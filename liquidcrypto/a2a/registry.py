@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
+import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from liquidcrypto import codec
 from liquidcrypto.a2a.kv import kv_key, open_bucket
 from liquidcrypto.nats import streams
 from liquidcrypto.nats.client import NatsClient
@@ -29,24 +30,67 @@ log = logging.getLogger(__name__)
 AGENTS_BUCKET = streams.A2A_AGENTS
 
 
-class AgentCard(BaseModel):
-    """What an agent tells others about itself (a small A2A agent card)."""
+class AgentCard(codec.Model, frozen=True, kw_only=True, dict=True):
+    """What an agent tells others about itself (a small A2A agent card).
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    Keys beyond the fields below (an A2A card's ``url``, ``capabilities``...) are kept
+    when the card is read (``from_dict``, ``decode``), written after the fields
+    (``to_dict``, ``encode``), and readable as attributes (``card.url``) or as the dict
+    ``card.extra``. Keyword construction takes the fields only.
+    """
 
     id: str
     name: str = ""
     version: str = "0"
     description: str = ""
-    skills: list[str] = Field(default_factory=list)
+    skills: list[str] = msgspec.field(default_factory=list)
     """The task types the agent handles."""
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The card's keys beyond its fields, as given (a copy)."""
+        return dict(self.__dict__.get("_extra", {}))
+
+    if not TYPE_CHECKING:  # the checker keeps rejecting unknown attributes
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return self.__dict__["_extra"][name]
+            except KeyError:
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}") from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """A card from a mapping, keeping its extra keys (see the class).
+
+        Raises:
+            InvalidPayloadError: a field is missing or of the wrong type.
+        """
+        card = super().from_dict(data)
+        extra = {k: v for k, v in data.items() if k not in cls.__struct_fields__}
+        if extra:
+            msgspec.structs.force_setattr(card, "_extra", extra)
+        return card
+
+    @classmethod
+    def try_decode(cls, raw: bytes) -> Self | None:
+        """Never: the typed pass would drop the extra keys, so ``decode`` reads a dict."""
+        return None
+
+    def to_dict(self, *, exclude: Collection[str] = ()) -> dict[str, Any]:
+        """The fields, then the extra keys (see the class)."""
+        out = super().to_dict(exclude=exclude)
+        out.update((k, v) for k, v in self.extra.items() if k not in exclude)
+        return out
+
+    def encode(self) -> bytes:
+        """``to_dict()`` as JSON bytes."""
+        return codec.encode(self.to_dict())
 
 
-class AgentInfo(BaseModel):
+class AgentInfo(codec.Model, frozen=True, kw_only=True):
     """A registered agent as ``list_agents()`` reports it."""
-
-    model_config = ConfigDict(frozen=True)
 
     card: AgentCard
     last_heartbeat: datetime
@@ -58,9 +102,25 @@ class AgentInfo(BaseModel):
         return self.card.id
 
 
-class _Stored(BaseModel):
-    card: AgentCard
+class _Stored(codec.Model, frozen=True, kw_only=True):
+    """The value of an agent's key: its card (as a dict, extra keys included) and status."""
+
+    card: dict[str, Any]
     status: dict[str, Any] | None = None
+
+
+def _store(card: AgentCard, status: dict[str, Any] | None) -> bytes:
+    return _Stored(card=card.to_dict(), status=status).encode()
+
+
+def _load(raw: bytes | None) -> tuple[AgentCard, dict[str, Any] | None]:
+    """The card and status in a key's value.
+
+    Raises:
+        InvalidPayloadError: the value is not a stored card.
+    """
+    stored = _Stored.decode(raw or b"")
+    return AgentCard.from_dict(stored.card), stored.status
 
 
 Beat = Callable[[str, dict[str, Any] | None], Awaitable[None]]
@@ -120,11 +180,10 @@ class AgentRegistry:
         kv = await self.bucket()
         if card is None:
             try:
-                card = _Stored.model_validate_json((await kv.get(key)).value or b"").card
+                card, _ = _load((await kv.get(key)).value)
             except nats.js.errors.KeyNotFoundError:
                 raise KeyError(f"agent {agent_id!r} is not registered") from None
-        stored = _Stored(card=card, status=self._status.get(agent_id))
-        await kv.put(key, stored.model_dump_json().encode())
+        await kv.put(key, _store(card, self._status.get(agent_id)))
         await self._beat(agent_id, self._status.get(agent_id))
 
     async def _heartbeat_loop(self, agent_id: str) -> None:
@@ -165,15 +224,14 @@ class AgentRegistry:
                 if entry.operation is not None or not entry.value:
                     continue  # a deregistered agent's delete marker
                 try:
-                    stored = _Stored.model_validate_json(entry.value)
-                except ValidationError as exc:
+                    card, status = _load(entry.value)
+                except ValueError as exc:
                     log.warning("skipping unreadable card %s in %s: %s", entry.key, AGENTS_BUCKET, exc)
                 else:
                     seen = _as_datetime(entry.created) or now
                     online = (now - seen).total_seconds() <= self.ttl
                     if online or include_offline:
-                        out.append(AgentInfo(card=stored.card, last_heartbeat=seen, online=online,
-                                             status=stored.status))
+                        out.append(AgentInfo(card=card, last_heartbeat=seen, online=online, status=status))
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return sorted(out, key=lambda a: a.card.id)

@@ -21,11 +21,14 @@ its previous frame (conflated or dropped because it read too slowly).
 
 Trade frames are built once per message per instance as text and shared by every
 client queue; the published JSON is embedded byte for byte, never re-encoded.
+
+The client frames are wire models (``codec.Model``; ``Subscribe(...).encode()`` writes the
+frame with its ``action``). They are parsed by hand rather than by a typed decode so that
+a client's error frame names the field in plain words and a lone symbol string is accepted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from liquidcrypto import codec
@@ -35,8 +38,7 @@ from liquidcrypto.nats import subjects
 ACTIONS = ("subscribe", "unsubscribe", "ping")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Subscribe:
+class Subscribe(codec.Model, frozen=True, kw_only=True, tag_field="action", tag="subscribe"):
     """``{"action": "subscribe"}``: symbols, and optionally where to start the history."""
 
     symbols: tuple[str, ...]
@@ -45,15 +47,13 @@ class Subscribe:
     conflate: bool = True
 
 
-@dataclass(frozen=True, kw_only=True)
-class Unsubscribe:
+class Unsubscribe(codec.Model, frozen=True, kw_only=True, tag_field="action", tag="unsubscribe"):
     """``{"action": "unsubscribe"}``."""
 
     symbols: tuple[str, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
-class Ping:
+class Ping(codec.Model, frozen=True, kw_only=True, tag_field="action", tag="ping"):
     """``{"action": "ping"}``: answered with ``{"type": "pong"}`` (browsers cannot send ping frames)."""
 
 

@@ -46,7 +46,7 @@ async def publish_dead_letter(client: NatsClient, letter: DeadLetter) -> int:
     Raises:
         NatsUnavailableError: it could not be stored.
     """
-    body = letter.model_dump(mode="json", exclude={"id"})
+    body = letter.to_dict(exclude={"id"})
     ack = await client.js_publish(
         dlq_subject_for(letter.subject), body, msg_id=f"dlq.{letter.task_id}", timeout=5.0
     )
@@ -64,7 +64,7 @@ def _letter(seq: int, data: bytes | None) -> DeadLetter:
         body: Any = codec.decode(data or b"")
     except InvalidPayloadError as exc:
         raise InvalidTaskError(f"dead letter {seq} is not JSON: {exc}") from exc
-    return DeadLetter.model_validate({**body, "id": str(seq)})
+    return DeadLetter.from_dict({**body, "id": str(seq)})
 
 
 async def list_dead_letters(client: NatsClient, limit: int = 100) -> list[DeadLetter]:

@@ -3,7 +3,9 @@
 On the wire tasks and results use the spec's camelCase keys (``sessionId``,
 ``subPrdId``, ``createdAt``...), so a TypeScript peer reads them unchanged; in Python
 the fields are snake_case and both spellings are accepted on input. Times are
-milliseconds since the epoch, as the spec's ``Date.now()``.
+milliseconds since the epoch, as the spec's ``Date.now()``. The models are frozen
+``msgspec`` structs (``codec.Model``); ids that become subject tokens are checked when a
+model is built, whether by keyword or from the wire.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_core import PydanticSerializationError
+import msgspec
 
 from liquidcrypto import codec
-from liquidcrypto.errors import InvalidPayloadError, InvalidSubjectError, InvalidTaskError
+from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError
 from liquidcrypto.nats import subjects
 
 
@@ -25,58 +26,32 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)
-
-
-class _Wire(BaseModel):
-    """Frozen model whose JSON keys are camelCase and whose input takes either case."""
-
-    model_config = ConfigDict(
-        frozen=True, populate_by_name=True, alias_generator=_camel, extra="ignore", str_strip_whitespace=False
-    )
-
-    def to_wire(self) -> dict[str, Any]:
-        """The camelCase dict sent on the wire."""
-        return self.model_dump(by_alias=True, mode="json")
-
-    def encode(self) -> bytes:
-        """The camelCase JSON sent on the wire."""
-        try:
-            return self.__pydantic_serializer__.to_json(self, by_alias=True)
-        except PydanticSerializationError as exc:
-            raise InvalidPayloadError(f"cannot encode {type(self).__name__} as JSON: {exc}") from exc
-
-
-class _SubPrd(_Wire):
+class _SubPrd(codec.Model, frozen=True, kw_only=True, rename="camel"):
     """The ids naming one sub-PRD of a session; each is one subject token."""
 
     session_id: str
     sub_prd_id: str
 
-    @field_validator("session_id")
-    @classmethod
-    def _session(cls, v: str) -> str:
-        return subjects.token(v, "session_id")
+    def __post_init__(self) -> None:
+        subjects.token(self.session_id, "session_id")
+        subjects.token(self.sub_prd_id, "sub_prd_id")
 
-    @field_validator("sub_prd_id")
-    @classmethod
-    def _sub_prd(cls, v: str) -> str:
-        return subjects.token(v, "sub_prd_id")
+    def to_wire(self) -> dict[str, Any]:
+        """The camelCase dict sent on the wire."""
+        return self.to_dict()
 
 
-class OrchestratorTask(_SubPrd):
+class OrchestratorTask(_SubPrd, frozen=True, kw_only=True):
     """One sub-PRD for a specialist agent (the spec's task)."""
 
     specialist: str | None = None
     payload: Any = None
-    created_at: int = Field(default_factory=now_ms)
+    created_at: int = msgspec.field(default_factory=now_ms)
 
-    @field_validator("specialist")
-    @classmethod
-    def _specialist(cls, v: str | None) -> str | None:
-        return None if v is None else subjects.token(v, "specialist")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.specialist is not None:
+            subjects.token(self.specialist, "specialist")
 
     @property
     def subject(self) -> str:
@@ -89,13 +64,13 @@ class OrchestratorTask(_SubPrd):
         return f"{self.session_id}.{self.sub_prd_id}"
 
 
-class TaskResult(_SubPrd):
+class TaskResult(_SubPrd, frozen=True, kw_only=True):
     """The outcome of one task (the spec's result)."""
 
     success: bool
     result: Any = None
     error: str | None = None
-    completed_at: int = Field(default_factory=now_ms)
+    completed_at: int = msgspec.field(default_factory=now_ms)
 
     @property
     def subject(self) -> str:
@@ -103,7 +78,7 @@ class TaskResult(_SubPrd):
         return f"{subjects.ORCHESTRATOR_RESULTS}.{self.session_id}.{self.sub_prd_id}"
 
 
-class EnqueueReceipt(BaseModel):
+class EnqueueReceipt(codec.Model, frozen=True, kw_only=True):
     """What ``enqueue_orchestrator_task`` stored.
 
     Attributes:
@@ -112,16 +87,17 @@ class EnqueueReceipt(BaseModel):
         task_id: the ``Nats-Msg-Id`` used.
     """
 
-    model_config = ConfigDict(frozen=True)
-
     seq: int
     duplicate: bool
     stream: str
     task_id: str
 
 
-class DeadLetter(BaseModel):
+class DeadLetter(codec.Model, frozen=True, kw_only=True):
     """A task that exhausted its attempts, as kept in the ``ORCHESTRATOR_DLQ`` stream.
+
+    Stored as ``to_dict(exclude={"id"})`` (snake_case keys); read back with
+    ``from_dict({**body, "id": ...})``.
 
     Attributes:
         id: the dead letter's id (its ``ORCHESTRATOR_DLQ`` sequence, as a string).
@@ -132,15 +108,13 @@ class DeadLetter(BaseModel):
         failed_at: when it was dead-lettered (ms since the epoch).
     """
 
-    model_config = ConfigDict(frozen=True)
-
     id: str = ""
     task: Any
     task_id: str
     subject: str
     attempts: int
     last_error: str
-    failed_at: int = Field(default_factory=now_ms)
+    failed_at: int = msgspec.field(default_factory=now_ms)
 
 
 class ResultSet(list[TaskResult]):
@@ -173,12 +147,6 @@ class ResultSet(list[TaskResult]):
         )
 
 
-def _first_error(exc: ValidationError) -> str:
-    errs = exc.errors()
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in errs[:3]]
-    return "; ".join(parts)
-
-
 def coerce_task(task: OrchestratorTask | Mapping[str, Any]) -> OrchestratorTask:
     """A task model from a model or a dict with snake_case or camelCase keys.
 
@@ -191,10 +159,9 @@ def coerce_task(task: OrchestratorTask | Mapping[str, Any]) -> OrchestratorTask:
     if not isinstance(task, Mapping):
         raise InvalidTaskError(f"task must be an OrchestratorTask or a dict, not {type(task).__name__}")
     try:
-        return OrchestratorTask.model_validate(dict(task))
-    except ValidationError as exc:
-        _reraise_subject_error(exc)
-        raise InvalidTaskError(f"invalid task: {_first_error(exc)}") from exc
+        return OrchestratorTask.from_dict(task)
+    except InvalidPayloadError as exc:  # an InvalidSubjectError passes through as itself
+        raise InvalidTaskError(str(exc)) from exc
 
 
 def decode_task(raw: bytes) -> OrchestratorTask:
@@ -204,6 +171,9 @@ def decode_task(raw: bytes) -> OrchestratorTask:
         InvalidPayloadError: not JSON.
         InvalidTaskError / InvalidSubjectError: JSON of the wrong shape.
     """
+    task = OrchestratorTask.try_decode(raw)  # a well-formed camelCase task, in one pass
+    if task is not None:
+        return task
     data = codec.decode(raw)
     if not isinstance(data, dict):
         raise InvalidTaskError(f"task message must be a JSON object, not {type(data).__name__}")
@@ -235,9 +205,9 @@ def coerce_result(value: Any, task: OrchestratorTask) -> TaskResult:
                 f"(keys: {sorted(map(str, data))[:8]})"
             )
         try:
-            result = TaskResult.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidTaskError(f"handler returned an invalid result: {_first_error(exc)}") from exc
+            result = TaskResult.from_dict(data)
+        except ValueError as exc:  # InvalidPayloadError or InvalidSubjectError
+            raise InvalidTaskError(f"handler returned an invalid result: {exc}") from exc
     else:
         raise InvalidTaskError(
             f"handler returned {type(value).__name__}; expected a TaskResult or a dict with "
@@ -257,19 +227,14 @@ def decode_result(raw: bytes) -> TaskResult:
     Raises:
         InvalidPayloadError: not JSON, or not a result.
     """
+    result = TaskResult.try_decode(raw)  # a well-formed camelCase result, in one pass
+    if result is not None:
+        return result
     data = codec.decode(raw)
     if not isinstance(data, dict):
         raise InvalidPayloadError(f"result message must be a JSON object, not {type(data).__name__}")
     try:
-        return TaskResult.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidPayloadError(f"invalid result message: {_first_error(exc)}") from exc
+        return TaskResult.from_dict(data)
+    except ValueError as exc:  # InvalidPayloadError or InvalidSubjectError
+        raise InvalidPayloadError(f"invalid result message: {exc}") from exc
 
-
-def _reraise_subject_error(exc: ValidationError) -> None:
-    """Surface an ``InvalidSubjectError`` raised inside a validator as itself."""
-    for err in exc.errors():
-        ctx = err.get("ctx") or {}
-        inner = ctx.get("error")
-        if isinstance(inner, InvalidSubjectError):
-            raise inner from exc
