@@ -27,6 +27,7 @@ from liquidcrypto.fanout.session import ClientSession, QueuePolicy, SymbolState
 from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient, get_client
 from liquidcrypto.nats.subscription import call_handler
+from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class NatsWebSocketManager:
         self._backend: Backend | None = None
         self._feeds: dict[str, _Feed] = {}
         self.sessions: set[ClientSession] = set()
-        self._handler_tasks: set[asyncio.Task[None]] = set()
+        self._handler_tasks = TaskSet("trade-handler")
         self._closed = False
         self.broadcasts_received = 0
         self.bad_messages = 0
@@ -177,11 +178,7 @@ class NatsWebSocketManager:
         self._closed = True
         for session in list(self.sessions):
             session.kick(1001, "server shutting down")
-        for task in list(self._handler_tasks):
-            task.cancel()
-        for task in list(self._handler_tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._handler_tasks.cancel()
         if self._client is not None:
             self._client.remove_on_connect(self._reopen_feeds)
         if self._backend is not None:
@@ -250,10 +247,8 @@ class NatsWebSocketManager:
         names = _symbol_list(symbols)
         listener = _HandlerListener(handler, with_meta, self.settings.ws_queue_size)
         listener.on_drop = self._count_handler_drop
-        task = asyncio.ensure_future(listener.run())
-        task.set_name(f"trade-handler:{','.join(names)}")
+        task = self._handler_tasks.spawn(listener.run(), ",".join(names))
         listener.task = task
-        self._handler_tasks.add(task)
         done = False
 
         async def unsubscribe() -> None:
@@ -266,7 +261,6 @@ class NatsWebSocketManager:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            self._handler_tasks.discard(task)
 
         try:
             for name in names:

@@ -86,7 +86,6 @@ class NatsBackend:
         self._has_inflight = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
-        self._acker: asyncio.Task[None] | None = None
         self._feeds: dict[str, StreamSubscription] = {}
         self._feed_last: dict[str, int] = {}  # last stream sequence each feed delivered
         self._feed_gen: dict[str, int] = {}  # bumped at each (re)subscription of a feed
@@ -115,8 +114,7 @@ class NatsBackend:
             pending_msgs_limit=FEED_PENDING_MSGS,
             pending_bytes_limit=FEED_PENDING_BYTES,
         )
-        self._acker = asyncio.ensure_future(self._ack_watchdog())
-        self._acker.set_name("ws-nats-ack-watchdog")
+        self._tasks.spawn(self._ack_watchdog(), "ack-watchdog")
         self._tasks.spawn(self._watch_drops(), "ws-feed-drop-watch")
         metrics.SLOW_CONSUMER.set_function(lambda: self.client.slow_consumer_events)
         metrics.PUBLISH_INFLIGHT.set_function(lambda: len(self._inflight) + self._retrying)
@@ -124,10 +122,6 @@ class NatsBackend:
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
             await self.flush(timeout=2.0)
-        if self._acker is not None:
-            self._acker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._acker
         await self._tasks.cancel()
         for symbol in list(self._feeds):
             await self.close_feed(symbol)

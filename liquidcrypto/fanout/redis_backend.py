@@ -27,6 +27,7 @@ from liquidcrypto.errors import RedisUnavailableError
 from liquidcrypto.fanout import metrics
 from liquidcrypto.fanout.backend import OnBroadcast, OnTrade
 from liquidcrypto.nats import subjects
+from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class RedisBackend:
         self.url = url
         self.window = window
         self._on_recovered = on_recovered
+        self._tasks = TaskSet("ws-redis")
         self._recovering: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self._pubsub: Any = None
@@ -90,15 +92,10 @@ class RedisBackend:
 
     def _start_reader(self) -> None:
         if self._reader is None:
-            self._reader = asyncio.ensure_future(self._read_loop())
-            self._reader.set_name("ws-redis-reader")
+            self._reader = self._tasks.spawn(self._read_loop(), "reader")
 
     async def stop(self) -> None:
-        for task in (self._reader, self._recovering):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._tasks.cancel()
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.aclose()
@@ -223,7 +220,7 @@ class RedisBackend:
         # A task: opening a feed waits for this loop to read Redis's confirmation.
         log.info("Redis subscriber at %s works again", _redact(self.url))
         if self._on_recovered is not None and (self._recovering is None or self._recovering.done()):
-            self._recovering = asyncio.ensure_future(self._run_recovered(self._on_recovered))
+            self._recovering = self._tasks.spawn(self._run_recovered(self._on_recovered), "recovered")
 
     @staticmethod
     async def _run_recovered(callback: Callable[[], Awaitable[None]]) -> None:
