@@ -114,7 +114,7 @@ class A2ABus:
 
     def __init__(self, client: NatsClient) -> None:
         self.client = client
-        self._subs: set[Subscription] = set()
+        self._subscriptions: set[Subscription] = set()
         self._durables: set[DurableSubscription] = set()
         self._states: TaskStateStore | None = None
         self._registry: AgentRegistry | None = None
@@ -136,11 +136,11 @@ class A2ABus:
             await self._registry.close()
         for durable in list(self._durables):
             await durable.stop()
-        for sub in self._subs:
+        for sub in self._subscriptions:
             await sub.unsubscribe()
         if self._inbox is not None:
             await self._inbox.close()
-        self._subs.clear()
+        self._subscriptions.clear()
         self._durables.clear()
 
     def _check_open(self) -> None:
@@ -318,7 +318,7 @@ class A2ABus:
             subjects.token(queue, "queue group")
         if durable is None:
             sub = await self.client.subscribe_msgs(subject, self._callback(subject, handler, True), queue)
-            self._subs.add(sub)
+            self._subscriptions.add(sub)
             log.info("subscribed to tasks %s%s", subject, f" (queue {queue})" if queue else "")
             return sub
         subjects.token(durable, "durable name")
@@ -342,7 +342,7 @@ class A2ABus:
         self._check_open()
         subject = absolute_pattern(pattern)
         sub = await self.client.subscribe_msgs(subject, self._callback(subject, handler, False))
-        self._subs.add(sub)
+        self._subscriptions.add(sub)
         log.info("subscribed to events %s", subject)
         return sub
 

@@ -88,16 +88,16 @@ class ReplyInbox:
 
     def __init__(self, client: NatsClient) -> None:
         self.client = client
-        self._prefix: str | None = None
+        self._inbox_base: str | None = None
         self._sub: Subscription | None = None
         self._waiting: dict[str, asyncio.Future[Envelope]] = {}
 
     async def _ensure(self) -> str:
-        if self._prefix is None:
+        if self._inbox_base is None:
             prefix = self.client.nc.new_inbox()
             self._sub = await self.client.subscribe_msgs(f"{prefix}.*", self._on_reply)
-            self._prefix = prefix
-        return self._prefix
+            self._inbox_base = prefix
+        return self._inbox_base
 
     @asynccontextmanager
     async def expect(

@@ -280,7 +280,7 @@ class NatsWebSocketManager:
     ) -> None:
         feed = self._feeds.get(symbol)
         if feed is None:
-            feed = self._feeds[symbol] = _Feed(symbol, protocol.symbol_prefix(symbol))
+            feed = self._feeds[symbol] = _Feed(symbol, protocol.trade_frame_head(symbol))
         async with feed.lock:
             # Listen first: if the feed cannot open now (NATS down), it reopens on reconnect.
             if session is not None:
@@ -429,7 +429,7 @@ class NatsWebSocketManager:
 
     async def _replay(self, session: ClientSession, symbol: str, since: int | None, last: int | None) -> None:
         feed = self._feeds.get(symbol)
-        prefix = feed.prefix if feed is not None else protocol.symbol_prefix(symbol)
+        prefix = feed.prefix if feed is not None else protocol.trade_frame_head(symbol)
         try:
             items, complete = await self.backend.history(
                 symbol, since_seq=since, last=last, limit=self.settings.ws_history_max

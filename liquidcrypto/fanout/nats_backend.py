@@ -92,7 +92,7 @@ class NatsBackend:
         self._tasks = TaskSet("ws-backend")
         self._broadcast_sub: Subscription | None = None
         self._ids = itertools.count(1)
-        self._id_prefix = f"{os.getpid()}-{id(self):x}-"
+        self._msg_id_base = f"{os.getpid()}-{id(self):x}-"
         self._published = 0
         self.acked = 0
         self.failed = 0
@@ -148,7 +148,7 @@ class NatsBackend:
             metrics.PUBLISH_WAIT.observe(time.perf_counter() - t0)
         else:
             await self._slots.acquire()
-        msg_id = f"{self._id_prefix}{next(self._ids)}"
+        msg_id = f"{self._msg_id_base}{next(self._ids)}"
         try:
             future = await self.client.js_publish_async_raw(subject, payload, {hdr.MSG_ID: msg_id})
         except BaseException:

@@ -117,7 +117,7 @@ def parse_client_frame(text: str | bytes, *, max_symbols: int) -> ClientFrame:
     return Subscribe(symbols=symbols, since_seq=since, last=last, conflate=conflate)
 
 
-def symbol_prefix(symbol: str) -> str:
+def trade_frame_head(symbol: str) -> str:
     """The constant start of every trade frame of ``symbol`` (JSON-escaped once)."""
     return '{"type":"trade","symbol":' + codec.encode(symbol).decode() + ',"data":'
 

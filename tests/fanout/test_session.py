@@ -25,7 +25,7 @@ class Socket:
 
 
 def trade(symbol: str, seq: int) -> str:
-    return protocol.trade_frame(protocol.symbol_prefix(symbol), orjson.dumps({"i": seq}).decode(), seq)
+    return protocol.trade_frame(protocol.trade_frame_head(symbol), orjson.dumps({"i": seq}).decode(), seq)
 
 
 def session_with(policy: QueuePolicy, *symbols: str, conflate: bool = True) -> tuple[ClientSession, Socket]:
@@ -231,6 +231,6 @@ def test_client_frames_are_validated() -> None:
 
 def test_trade_frame_embeds_the_published_json_unchanged() -> None:
     data = '{"price":95000.5,"volume":1.5,"tags":["a"],"nested":{"x":null}}'
-    frame = orjson.loads(protocol.trade_frame(protocol.symbol_prefix('we"ird'), data, 42))
+    frame = orjson.loads(protocol.trade_frame(protocol.trade_frame_head('we"ird'), data, 42))
     assert frame == {"type": "trade", "symbol": 'we"ird', "data": orjson.loads(data), "seq": 42}
     assert orjson.loads(protocol.with_missed(protocol.frame("pong"), 3)) == {"type": "pong", "missed": 3}
