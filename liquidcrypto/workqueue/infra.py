@@ -36,7 +36,7 @@ from nats.js.kv import KeyValue
 from liquidcrypto import codec
 from liquidcrypto.errors import ConsumerConflictError
 from liquidcrypto.nats import streams, subjects
-from liquidcrypto.workqueue.puller import PULL_EXPIRES
+from liquidcrypto.nats.pull import PULL_EXPIRES
 
 log = logging.getLogger(__name__)
 
