@@ -62,7 +62,7 @@ GRACE = 2.0
 """A request whose end never came (lost in a reconnect) is forgotten this long after it expired."""
 MAX_BATCH = 1000
 """The largest single pull request."""
-_SETTLE_ERRORS = (nats.errors.Error, nats.js.errors.Error, NatsUnavailableError, TimeoutError)
+_FLUSH_ERRORS = (nats.errors.Error, nats.js.errors.Error, NatsUnavailableError, TimeoutError)
 
 
 class PullConsumer:
@@ -97,7 +97,7 @@ class PullConsumer:
                 An exception is logged and leaves the message for redelivery.
             bind: creates or checks the consumer; returns its ``ConsumerInfo``.
             capacity: messages held at most (requested + queued + running); the owner
-                may change ``capacity`` later.
+                may lower ``capacity`` as it goes (a reader that needs fewer).
             concurrency: handlers running at once (at most ``capacity`` are ever busy).
             ack_wait: the owner's ``ack_wait``; heartbeats follow the smaller of it and
                 the consumer's.
@@ -157,11 +157,8 @@ class PullConsumer:
 
     @property
     def stopping(self) -> bool:
+        """Whether ``stop()`` was called."""
         return self._stopping
-
-    def wake(self) -> None:
-        """Ask for more now (after the owner raised ``capacity``)."""
-        self._wake.set()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -173,7 +170,8 @@ class PullConsumer:
                 binding raises, ``NatsUnavailableError`` included.
 
         Raises:
-            whatever ``bind`` raises while NATS is available (a conflicting consumer...).
+            Exception: what ``bind`` raised while NATS was available (a conflicting
+                consumer, say); nothing was started then.
         """
         if require_nats:
             await self._bind()
@@ -231,7 +229,7 @@ class PullConsumer:
         if sub is not None:
             await sub.unsubscribe()
         if self.client.is_connected:
-            with contextlib.suppress(*_SETTLE_ERRORS):
+            with contextlib.suppress(*_FLUSH_ERRORS):
                 await self.client.flush(2)  # acks and naks reach the server before we return
         self._requests.clear()
         self._stopped.set()

@@ -133,8 +133,10 @@ class Worker:
         that still arrives for an open pull request is handed back the same way.
         Idempotent.
         """
+        first = not self._pull.stopping
         await self._pull.stop(timeout)
-        log.info("orchestrator worker stopped after %d task(s)", self.processed)
+        if first:
+            log.info("orchestrator worker stopped after %d task(s)", self.processed)
 
     async def _bind(self) -> ConsumerInfo:
         """Check (or create) what the worker needs: the dead-letter stream, the attempts
