@@ -16,8 +16,9 @@ read JetStream through it. What it does, and why:
 - **Handler slots.** ``concurrency`` slots take queued messages in arrival order; each
   asks for more as soon as its handler returns, so round trips of concurrent messages
   overlap. The handler settles its message (ack, nak, term) itself.
-- **Heartbeats.** Every ``ack_wait / heartbeats`` seconds each running message gets
-  ``in_progress()``, so a long handler keeps its message.
+- **Heartbeats.** Every ``ack_wait / heartbeats`` seconds each message held (running, or
+  queued for a slot) gets ``in_progress()``, so a long handler keeps its message and
+  what waits behind it is not redelivered elsewhere meanwhile (it would run twice).
 - **Reconnects and restarts.** After every (re)connection, and when the server says
   the consumer is gone, the owner's ``bind`` runs again (creating or checking the
   consumer) and the open requests are forgotten and asked for afresh: pull
@@ -101,7 +102,7 @@ class PullConsumer:
             concurrency: handlers running at once (at most ``capacity`` are ever busy).
             ack_wait: the owner's ``ack_wait``; heartbeats follow the smaller of it and
                 the consumer's.
-            heartbeats: ``in_progress()`` beats per ``ack_wait`` for a running message.
+            heartbeats: ``in_progress()`` beats per ``ack_wait`` for each message held.
             stop_timeout: how long ``stop()`` waits for running handlers by default.
             name: for logs and task names.
             on_overflow: called for each message handed back because it arrived with no room.
@@ -129,6 +130,7 @@ class PullConsumer:
         # FIFO of [still expected, forget-after deadline], one per pull request.
         self._requests: collections.deque[list[float]] = collections.deque()
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queued: dict[int, Msg] = {}  # the queue's messages by id(), for heartbeats
         self._busy: dict[int, Msg] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -219,7 +221,7 @@ class PullConsumer:
             slot.cancel()
         await asyncio.gather(*others, return_exceptions=True)
         while not self._queue.empty():
-            await _hand_back(self._queue.get_nowait())
+            await _hand_back(self._take())
         if linger:
             await self._linger()
         if self._heartbeat is not None:
@@ -380,6 +382,7 @@ class PullConsumer:
                 self._on_overflow()
             await _hand_back(msg)
         else:
+            self._queued[id(msg)] = msg
             self._queue.put_nowait(msg)
 
     # -- handling --------------------------------------------------------------
@@ -388,6 +391,7 @@ class PullConsumer:
         """One handler slot: take a queued message, run the handler, ask for more."""
         while not self._stopping:
             msg = await self._queue.get()
+            del self._queued[id(msg)]
             if self._stopping:
                 await _hand_back(msg)
                 break
@@ -410,11 +414,18 @@ class PullConsumer:
                 log.debug("%s: top-up after a message failed: %s", self.name, exc)
                 self._wake.set()
 
+    def _take(self) -> Msg:
+        msg = self._queue.get_nowait()
+        del self._queued[id(msg)]
+        return msg
+
     async def _heartbeat_loop(self) -> None:
-        """``in_progress`` for every running message, ``heartbeats`` times per ``ack_wait``."""
+        """``in_progress``, ``heartbeats`` times per ``ack_wait``, for every message held:
+        running, and queued for a slot (held messages are this consumer's; redelivered
+        elsewhere meanwhile, they would run twice)."""
         while True:
             await asyncio.sleep(self._heartbeat_every)
-            for msg in list(self._busy.values()):
+            for msg in [*self._busy.values(), *self._queued.values()]:
                 if msg.is_acked:
                     continue
                 try:

@@ -86,28 +86,32 @@ async def test_never_holds_more_than_its_capacity(client: NatsClient, stream: st
     assert consumer.handed_back == 0
 
 
-async def test_in_progress_keeps_a_long_message_from_being_redelivered(client: NatsClient, stream: str) -> None:
+async def test_in_progress_keeps_a_long_message_and_the_one_queued_behind_it(
+    client: NatsClient, stream: str
+) -> None:
     calls: Counter[bytes] = Counter()
 
     async def slow(msg: Msg) -> None:
         calls[msg.data] += 1
-        await asyncio.sleep(3.0)  # the message's own work: three times ack_wait
+        if msg.data == b"0":
+            await asyncio.sleep(3.0)  # the message's own work: three times ack_wait
         await msg.ack()
 
-    consumer = PullConsumer(client, stream, slow, durable(client, "slow", ack_wait=1.0), capacity=2, concurrency=2,
+    # One handler, two held: message 1 waits behind message 0 for three ack_waits.
+    consumer = PullConsumer(client, stream, slow, durable(client, "slow", ack_wait=1.0), capacity=2, concurrency=1,
                             ack_wait=1.0)
     await consumer.start()
-    await publish(client, 1)
+    await publish(client, 2)
 
     async def acked() -> bool:
         i = await info(client, "slow")
-        return bool(i.ack_floor.stream_seq == 1)
+        return bool(i.ack_floor.stream_seq == 2)
 
-    await eventually(acked, timeout=15, what="the long message acknowledged")
+    await eventually(acked, timeout=15, what="both messages acknowledged")
     i = await info(client, "slow")
     await consumer.stop()
-    assert calls == {b"0": 1}
-    assert i.num_redelivered == 0 and i.delivered.stream_seq == 1
+    assert calls == {b"0": 1, b"1": 1}
+    assert i.num_redelivered == 0 and i.delivered.stream_seq == 2
 
 
 async def test_stop_hands_back_running_and_queued_messages(client: NatsClient, stream: str) -> None:
