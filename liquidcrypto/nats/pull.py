@@ -301,8 +301,9 @@ class PullConsumer:
         """(Re)bind when needed and top up after expired requests; slots top up after each message."""
         failures = 0
         while not self._stopping:
+            due = self._seconds_to_next_deadline()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._seconds_to_next_deadline() or self.expires):
+                async with asyncio.timeout(self.expires if due is None else due):
                     await self._wake.wait()
             self._wake.clear()
             if self._stopping:
@@ -362,7 +363,12 @@ class PullConsumer:
         elif self._requests:
             self._requests.popleft()
         desc = headers.get(hdr.DESCRIPTION, "")
-        if status == "409" or (status == "404" and "consumer" in desc.lower()):
+        if status == "503":
+            # No responders: JetStream is not there (a restart, a leader election). Bind
+            # again before asking more, with the loop's back-off while that fails.
+            log.debug("%s: pull request unanswered (503); binding again", self.name)
+            self._rebind = True
+        elif status == "409" or (status == "404" and "consumer" in desc.lower()):
             if "Deleted" in desc or "push" in desc or "not found" in desc.lower():
                 self._consumer_gone = True
             if "Exceeded" in desc:
