@@ -11,12 +11,13 @@ redelivered), run the handler, then ``ack``. A handler that raises gets the mess
 ``nak``-ed with a growing delay and redelivered, up to ``max_deliver`` attempts, after
 which it is terminated and counted. A long handler keeps its message with
 ``in_progress()`` so ``ack_wait`` does not expire under it. A process that dies leaves
-its message unacked: the server redelivers it after ``ack_wait``.
+its message unacked: the server redelivers it after ``ack_wait``. The consumer is read
+through ``liquidcrypto.nats.pull.PullConsumer`` (bounded pulls, heartbeats, re-binding
+after reconnects, a clean stop).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -26,8 +27,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from liquidcrypto.a2a import envelope as env_mod
 from liquidcrypto.a2a import metrics
@@ -35,15 +35,15 @@ from liquidcrypto.a2a.envelope import Envelope
 from liquidcrypto.a2a.replies import run_handler
 from liquidcrypto.errors import InvalidPayloadError, NatsUnavailableError
 from liquidcrypto.nats import streams
-from liquidcrypto.nats.client import ConnectionState, NatsClient
+from liquidcrypto.nats.client import NatsClient
+from liquidcrypto.nats.pull import PullConsumer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_DELIVER = 5
 DEFAULT_BATCH = 32
-IDLE_WAIT = 1.0  # a long-poll fetch of one message while idle (short: a lost pull request costs this)
-BUSY_WAIT = 0.01  # while messages flow, fetch a batch without lingering
+STOP_TIMEOUT = 5.0
 _RETRY_CAP = 5.0
 
 
@@ -53,7 +53,11 @@ def nak_delay(attempt: int) -> float:
 
 
 class DurableSubscription:
-    """A running durable consumer loop; ``stop()`` ends it (the consumer stays)."""
+    """A running durable consumer; ``stop()`` ends it (the consumer stays).
+
+    Messages come from a ``PullConsumer`` holding up to ``batch`` of them, handled one at
+    a time in stream order.
+    """
 
     def __init__(
         self,
@@ -73,18 +77,19 @@ class DurableSubscription:
         self.batch = batch
         self.ack_wait = ack_wait
         self.max_deliver = max_deliver
-        self._psub: JetStreamContext.PullSubscription | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._ticker: asyncio.Task[None] | None = None
-        self._current: Msg | None = None
-        self._stopping = False
-        self._fetching = False
         self.handled = 0
         self.since = datetime.now(UTC)
+        # One handler at a time keeps the stream's order; a quarter of ack_wait between
+        # heartbeats marks a running message well before its ack_wait runs out, whatever
+        # the phase of the beat relative to the handler's start.
+        self._pull = PullConsumer(
+            client, streams.A2A_TASKS, self._process, self.ensure_consumer, capacity=batch, concurrency=1,
+            ack_wait=ack_wait, heartbeats=4, stop_timeout=STOP_TIMEOUT, name=f"durable {durable} on {filter_subject}",
+        )
 
     @property
     def closed(self) -> bool:
-        return self._stopping
+        return self._pull.stopping
 
     def consumer_config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -102,77 +107,37 @@ class DurableSubscription:
             max_ack_pending=max(1000, self.batch * 4),
         )
 
-    async def ensure_consumer(self) -> None:
+    async def ensure_consumer(self) -> ConsumerInfo:
         """Create the durable consumer if missing; refuse to re-point an existing one.
+
+        Returns:
+            the consumer's info.
 
         Raises:
             ValueError: a consumer of that name exists with another filter subject.
         """
         js = self.client.js
         try:
-            info = await js.consumer_info(streams.A2A_TASKS, self.durable)
+            info: ConsumerInfo = await js.consumer_info(streams.A2A_TASKS, self.durable)
         except nats.js.errors.NotFoundError:
-            await js.add_consumer(streams.A2A_TASKS, self.consumer_config())
+            created: ConsumerInfo = await js.add_consumer(streams.A2A_TASKS, self.consumer_config())
             log.info("created durable consumer %s on %s", self.durable, self.subject)
-            return
+            return created
         have = info.config.filter_subject
         if have != self.subject:
             raise ValueError(
                 f"durable {self.durable!r} already consumes {have!r}, not {self.subject!r}; "
                 "use another name or delete it with A2ABus.delete_durable()"
             )
+        return info
 
     async def start(self) -> None:
-        """Create or check the consumer and start the loop (in the background if degraded)."""
-        if self.client.is_connected:
-            await self.ensure_consumer()
-            await self._bind()
-        self._task = asyncio.create_task(self._run(), name=f"a2a-durable-{self.durable}")
-        self._ticker = asyncio.create_task(self._keep_alive(), name=f"a2a-durable-{self.durable}-progress")
+        """Create or check the consumer and start (binding in the background if degraded).
 
-    async def _bind(self) -> None:
-        self._psub = await self.client.js.pull_subscribe_bind(durable=self.durable, stream=streams.A2A_TASKS)
-
-    async def _run(self) -> None:
-        failures = 0
-        idle = True
-        while not self._stopping:
-            if self.client.state is ConnectionState.CLOSED:
-                log.info("durable %s on %s: client closed; stopping", self.durable, self.subject)
-                return
-            try:
-                if self._psub is None:
-                    await self.client.wait_connected(IDLE_WAIT)
-                    await self.ensure_consumer()
-                    await self._bind()
-                assert self._psub is not None
-                self._fetching = True
-                try:
-                    if idle:  # long-poll for one: returns as soon as a message arrives
-                        msgs = await self._psub.fetch(1, timeout=IDLE_WAIT)
-                    else:  # take what is there now, without lingering for a full batch
-                        msgs = await self._psub.fetch(self.batch, timeout=BUSY_WAIT)
-                finally:
-                    self._fetching = False
-                failures = 0
-            except TimeoutError:
-                idle = True
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the loop outlives outages; it logs and retries
-                failures += 1
-                log.warning("durable %s on %s: fetch failed (%s); retrying", self.durable, self.subject, exc)
-                if isinstance(exc, nats.js.errors.NotFoundError | NatsUnavailableError):
-                    self._psub = None
-                await asyncio.sleep(min(_RETRY_CAP, 0.1 * 2**failures))
-                continue
-            idle = False
-            for i, msg in enumerate(msgs):
-                if self._stopping:
-                    await self._release(msgs[i:])
-                    return
-                await self._process(msg)
+        Raises:
+            ValueError: the durable name is in use with another filter subject.
+        """
+        await self._pull.start()
 
     async def _process(self, msg: Msg) -> None:
         try:
@@ -185,7 +150,6 @@ class DurableSubscription:
         delivered = msg.metadata.num_delivered or 1
         if delivered > 1:
             metrics.REDELIVERIES.inc()
-        self._current = msg
         started = time.perf_counter()
         try:
             await run_handler(self._handler, envelope, self.client)
@@ -206,56 +170,15 @@ class DurableSubscription:
                 await _quietly(msg.nak(delay=nak_delay(delivered)), "nak")
             return
         finally:
-            self._current = None
             metrics.HANDLER_SECONDS.observe(time.perf_counter() - started)
         metrics.RECEIVED_COUNTS["durable"] += 1
         self.handled += 1
         await _quietly(msg.ack(), "ack")
 
-    async def _keep_alive(self) -> None:
-        """Mark a message that is still being handled as in progress (one task per consumer)."""
-        # Ticks at a quarter of ack_wait: whatever the phase of the tick relative to the
-        # handler's start, a running message is marked well before its ack_wait runs out.
-        period = max(0.05, self.ack_wait / 4)
-        while True:
-            await asyncio.sleep(period)
-            msg = self._current
-            if msg is not None:
-                await _quietly(msg.in_progress(), "in_progress")
-
-    async def _release(self, msgs: list[Msg]) -> None:
-        """Hand fetched but unhandled messages back for immediate redelivery."""
-        for msg in msgs:
-            await _quietly(msg.nak(), "nak")
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Stop after the message in hand (cancel it after ``timeout``); the consumer stays."""
-        if self._stopping:
-            return
-        self._stopping = True
-        task, self._task = self._task, None
-        if task is not None:
-            if self._fetching:
-                task.cancel()
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout)
-            except TimeoutError:
-                log.warning("durable %s: handler still busy after %g s; cancelling it", self.durable, timeout)
-                task.cancel()
-            except asyncio.CancelledError:
-                if not task.done():
-                    raise
-            await asyncio.gather(task, return_exceptions=True)
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
-        psub, self._psub = self._psub, None
-        if psub is not None:
-            try:
-                await psub.unsubscribe()
-                await self.client.flush(2)  # acks reach the server before we return
-            except Exception as exc:  # noqa: BLE001 - stopping must not raise
-                log.debug("durable %s: unsubscribe/flush failed: %s", self.durable, exc)
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop after the message in hand (cancelled and handed back after ``timeout``);
+        messages fetched and not yet handled are handed back; the consumer stays."""
+        await self._pull.stop(timeout)
 
     async def unsubscribe(self) -> None:
         """Same as ``stop()`` (the name the core subscriptions use)."""

@@ -31,15 +31,6 @@ def dlq_subject_for(task_subject: str) -> str:
     return f"{infra.DLQ_PREFIX}.{tail or 'unknown'}"
 
 
-async def ensure(client: NatsClient) -> None:
-    """Ensure the dead-letter stream (with the rest of the work queue's resources).
-
-    Raises:
-        StreamConflictError: ``ORCHESTRATOR_DLQ`` exists with another retention policy.
-    """
-    await infra.ensure(client)
-
-
 async def publish_dead_letter(client: NatsClient, letter: DeadLetter) -> int:
     """Store ``letter`` (idempotent per task id); its stream sequence.
 
@@ -75,7 +66,7 @@ async def list_dead_letters(client: NatsClient, limit: int = 100) -> list[DeadLe
     """
     if limit < 1:
         return []
-    await ensure(client)
+    await infra.ensure(client)
     js = client.js
     out: list[DeadLetter] = []
     seq = 1
@@ -106,7 +97,7 @@ async def get_dead_letter(client: NatsClient, dead_letter_id: str) -> DeadLetter
         raise ValueError(f"dead letter id must be a positive integer, got {dead_letter_id!r}") from None
     if seq < 1:
         raise ValueError(f"dead letter id must be a positive integer, got {dead_letter_id!r}")
-    await ensure(client)
+    await infra.ensure(client)
     try:
         raw = await client.js.get_msg(infra.DLQ_STREAM, seq=seq)
     except JsNotFoundError:

@@ -6,8 +6,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from nats.js.api import PubAck
-
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.workqueue import metrics
@@ -17,20 +15,6 @@ log = logging.getLogger(__name__)
 
 _NEW = metrics.TASKS_ENQUEUED.labels(duplicate="false")
 _DUPLICATE = metrics.TASKS_ENQUEUED.labels(duplicate="true")
-
-
-async def store(
-    client: NatsClient, subject: str, payload: bytes, msg_id: str, headers: dict[str, str] | None = None,
-    *, timeout: float = 5.0,
-) -> PubAck:
-    """``NatsClient.js_publish`` for bytes on a subject built from validated tokens (the hot
-    paths: tasks and results), without validating and encoding a second time.
-
-    Raises:
-        NatsUnavailableError: it was not stored (no connection, no stream, timeout).
-    """
-    hdrs = {**headers, hdr.MSG_ID: msg_id} if headers else {hdr.MSG_ID: msg_id}
-    return await client.js_publish_raw(subject, payload, hdrs, timeout=timeout)
 
 
 async def enqueue(
@@ -56,8 +40,11 @@ async def enqueue(
     """
     model = coerce_task(task)
     tid = task_id or model.dedupe_id
-    headers = {hdr.SPECIALIST: model.specialist} if model.specialist else None
-    ack = await store(client, model.subject, model.encode(), tid, headers, timeout=timeout)
+    headers = {hdr.MSG_ID: tid}
+    if model.specialist:
+        headers[hdr.SPECIALIST] = model.specialist
+    # Pre-validated subject and pre-encoded body: the hot path skips a second check.
+    ack = await client.js_publish_raw(model.subject, model.encode(), headers, timeout=timeout)
     (_DUPLICATE if ack.duplicate else _NEW).inc()
     if ack.duplicate:
         log.info("task %s already enqueued (seq %s); stored once", tid, ack.seq)

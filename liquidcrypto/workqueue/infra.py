@@ -17,7 +17,7 @@ import asyncio
 import base64
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
@@ -27,7 +27,7 @@ from nats.js.kv import KeyValue
 from liquidcrypto import codec
 from liquidcrypto.nats import streams
 from liquidcrypto.nats.client import NatsClient
-from liquidcrypto.workqueue.puller import PULL_EXPIRES
+from liquidcrypto.nats.pull import PULL_EXPIRES
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,6 @@ async def ensure(client: NatsClient) -> None:
         StreamConflictError: ``ORCHESTRATOR_DLQ`` exists with another retention policy.
     """
     await client.require(streams.WORK_QUEUE_RESOURCES)
-
-
-async def ensure_attempts_bucket(js: JetStreamContext, replicas: int) -> KeyValue:
-    """The attempts bucket, created with ``replicas`` if missing."""
-    return await streams.ensure_bucket(js, replace(streams.ORCHESTRATOR_ATTEMPTS_BUCKET, replicas=replicas))
 
 
 async def ensure_worker_consumer(js: JetStreamContext, ack_wait: float) -> ConsumerInfo:

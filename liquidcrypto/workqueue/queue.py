@@ -43,6 +43,7 @@ from liquidcrypto.workqueue.worker import (
     StopFn,
     TaskHandler,
     Worker,
+    WorkerOptions,
 )
 
 log = logging.getLogger(__name__)
@@ -118,14 +119,8 @@ class WorkQueue:
             handler: receives an ``OrchestratorTask``; returns a ``TaskResult`` or a dict
                 with ``success`` (and ``result``/``error``; ids default to the task's).
                 Raising means "retry".
-            concurrency: handlers running at once (and messages held at most).
-            specialist: only run tasks whose ``specialist`` is this; others are declined
-                (``nak``) for workers that take them.
-            ack_wait: seconds before an unacknowledged task is redelivered; the worker
-                sends ``in_progress`` every ``ack_wait/2`` while a handler runs.
-            max_deliver: failed runs before the task is dead-lettered with a failure result.
-            backoff: ``nak`` delays after the 1st, 2nd... failure (the last repeats).
-            stop_timeout: how long ``stop()`` waits for running handlers by default.
+            concurrency, specialist, ack_wait, max_deliver, backoff, stop_timeout: the
+                ``WorkerOptions`` of the same names (defaults and meaning there).
 
         While NATS is down (degraded mode) the worker starts anyway and begins pulling
         when the client connects.
@@ -138,10 +133,11 @@ class WorkQueue:
             ValueError: an invalid option.
             ConsumerConflictError: another consumer overlaps ``orchestrator.tasks.>``.
         """
-        worker = Worker(
-            self.client, handler, concurrency=concurrency, specialist=specialist, ack_wait=ack_wait,
-            max_deliver=max_deliver, backoff=backoff, stop_timeout=stop_timeout,
+        options = WorkerOptions(
+            concurrency=concurrency, specialist=specialist, ack_wait=ack_wait, max_deliver=max_deliver,
+            backoff=backoff, stop_timeout=stop_timeout,
         )
+        worker = Worker(self.client, handler, options)
         stop = await worker.start()
         self._workers.append(worker)
         return stop

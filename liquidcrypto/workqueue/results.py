@@ -1,9 +1,11 @@
-"""Reading results: ``collect_results`` and ``subscribe_to_results``.
+"""Results: publishing a task's result (the worker), ``collect_results`` and ``subscribe_to_results``.
 
 Results live on the work-queue stream ``ORCHESTRATOR_TASKS`` under
-``orchestrator.results.{session}.{sub_prd}``. A reader is an ephemeral pull consumer
-filtered on ``orchestrator.results.{session}.>``, which never overlaps the workers'
-``orchestrator.tasks.>``. Consequences (documented in the README):
+``orchestrator.results.{session}.{sub_prd}``, each stored once per task
+(``Nats-Msg-Id = result.{task_id}``). A reader is an ephemeral pull consumer filtered on
+``orchestrator.results.{session}.>`` (which never overlaps the workers'
+``orchestrator.tasks.>``), read through a ``PullConsumer``. Consequences (documented in
+the README):
 
 - one reader per session at a time (a second one waits, then ``ConsumerConflictError``);
 - ``collect_results`` acknowledges — removes — the results only when it returns a
@@ -27,18 +29,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import BadRequestError
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from liquidcrypto.errors import ConsumerConflictError, InvalidPayloadError
+from liquidcrypto.errors import ConsumerConflictError, InvalidPayloadError, NatsUnavailableError
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import subjects
-from liquidcrypto.nats.client import ConnectionState, NatsClient
-from liquidcrypto.nats.subscription import call_handler
+from liquidcrypto.nats.client import NatsClient
+from liquidcrypto.nats.pull import PullConsumer
+from liquidcrypto.nats.subscription import MsgHandler, call_handler
 from liquidcrypto.workqueue import infra, metrics
 from liquidcrypto.workqueue.models import ResultSet, TaskResult, decode_result
-from liquidcrypto.workqueue.puller import PULL_EXPIRES, Puller
 
 log = logging.getLogger(__name__)
 
@@ -46,43 +48,86 @@ ResultHandler = Callable[[TaskResult], Any]
 
 INACTIVE_THRESHOLD = 10.0
 CONFLICT_WAIT = INACTIVE_THRESHOLD + 2.0
-MAX_BATCH = 1000
 SUBSCRIPTION_WINDOW = 64
+SUBSCRIPTION_ACK_WAIT = 30.0
 HANDLER_ATTEMPTS = 3
 REMOVE_TIMEOUT = 5.0
+PUBLISH_ATTEMPTS = 3
 
 
-class Reader:
-    """An ephemeral pull consumer on one session's results, fed by a ``Puller``.
+async def publish_result(client: NatsClient, result: TaskResult, task_id: str) -> bool:
+    """Store a task's result once per task id (``Nats-Msg-Id = result.{task_id}``),
+    whoever runs the task and however often; retried while NATS is unavailable.
 
-    Messages arrive through ``on_msg`` as soon as the server sends them. After a
-    reconnect or the loss of the consumer, ``ensure()`` creates a new one; results that
-    were delivered and not acknowledged come again from it.
+    Returns:
+        whether the stream stored it (or already had it).
+    """
+    headers = {hdr.MSG_ID: infra.result_msg_id(task_id), hdr.TASK_ID: task_id}
+    payload = result.encode()
+    for attempt in range(PUBLISH_ATTEMPTS):
+        try:
+            await client.js_publish_raw(result.subject, payload, headers)
+            return True
+        except NatsUnavailableError as exc:
+            log.warning("result of %s not stored (%s); attempt %d/%d", task_id, exc, attempt + 1, PUBLISH_ATTEMPTS)
+            await asyncio.sleep(0.2 * 2**attempt)
+    return False
+
+
+class ResultReader:
+    """An ephemeral pull consumer on one session's results, read by a ``PullConsumer``.
+
+    After a reconnect or the loss of the consumer it deletes the old consumer and creates
+    a new one; results that were delivered and not acknowledged come again from it
+    (``on_rebind`` runs first, so the owner forgets what it held).
     """
 
     def __init__(
-        self, client: NatsClient, session_id: str, on_msg: Callable[[Msg], None], *, ack_wait: float
+        self, client: NatsClient, session_id: str, handler: MsgHandler, *, ack_wait: float, capacity: int,
+        on_rebind: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.session_id = session_id
-        self.on_msg = on_msg
         self.ack_wait = ack_wait
-        self.wake = asyncio.Event()
         self.name = ""
-        self.puller: Puller | None = None
-        self._reconnects = client.reconnects
+        self._on_rebind = on_rebind
+        self._conflict_wait = CONFLICT_WAIT
+        self.pull = PullConsumer(
+            client, infra.TASKS_STREAM, handler, self._create, capacity=capacity, ack_wait=ack_wait,
+            name=f"results of {session_id}",
+        )
 
     async def open(self, wait: float = CONFLICT_WAIT) -> None:
-        """Create the consumer; a crashed reader's consumer lingers up to
-        ``INACTIVE_THRESHOLD`` s, so retry creating it for up to ``wait`` s.
+        """Create the consumer and start reading; a crashed reader's consumer lingers up
+        to ``INACTIVE_THRESHOLD`` s, so creating it is retried for up to ``wait`` s.
 
         Raises:
             ConsumerConflictError: another reader of the session stayed active.
+            NatsUnavailableError: NATS is not available.
         """
+        self._conflict_wait = wait
+        try:
+            await self.pull.start(require_nats=True)
+        finally:
+            self._conflict_wait = CONFLICT_WAIT
+
+    async def stop(self) -> None:
+        """Stop reading (queued results are handed back); the consumer stays until ``close()``."""
+        await self.pull.stop(linger=False)  # close() deletes the consumer and all it holds
+
+    async def close(self) -> None:
+        await self.stop()
+        await self._delete()
+
+    async def _create(self) -> ConsumerInfo:
+        if self.name:  # a reconnect or a lost consumer: start afresh
+            await self._delete()
+            if self._on_rebind is not None:
+                self._on_rebind()
         filt = subjects.orchestrator_results(self.session_id)
-        self.name = f"results-{uuid.uuid4().hex[:16]}"
+        name = f"results-{uuid.uuid4().hex[:16]}"
         config = ConsumerConfig(
-            name=self.name,
+            name=name,
             filter_subject=filt,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
@@ -91,11 +136,11 @@ class Reader:
             inactive_threshold=INACTIVE_THRESHOLD,
             # Replicas are inherited: a work-queue stream's consumers must match its own.
         )
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + self._conflict_wait
         delay = 0.1
         while True:
             try:
-                await self.client.js._jsm.add_consumer(infra.TASKS_STREAM, config)
+                info = await self.client.js.add_consumer(infra.TASKS_STREAM, config)
                 break
             except BadRequestError as exc:
                 if exc.err_code != infra.ERR_WQ_OVERLAP:
@@ -108,44 +153,19 @@ class Reader:
                     ) from exc
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
-        self.puller = Puller(self.client, infra.TASKS_STREAM, self.name, self.on_msg, self.wake.set)
-        await self.puller.open()
-        self._reconnects = self.client.reconnects
+        self.name = name
+        return info
 
-    @property
-    def broken(self) -> bool:
-        return self.puller is None or self.puller.consumer_gone or self.client.reconnects != self._reconnects
-
-    async def request(self, want: int) -> None:
-        """Keep up to ``want`` messages requested (a reconnect or lost consumer: reopen)."""
-        if self.broken:
-            await self.close()
-            await self.open(wait=CONFLICT_WAIT)
-        assert self.puller is not None
-        self.puller.expire_stale()
-        more = min(MAX_BATCH, want - self.puller.outstanding)
-        if more > 0:
-            await self.puller.request(more)
-
-    async def wait(self, timeout: float) -> None:
-        nxt = self.puller.seconds_to_next_deadline() if self.puller else None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.01, min(timeout, nxt if nxt is not None else timeout))):
-                await self.wake.wait()
-        self.wake.clear()
-
-    async def close(self) -> None:
-        puller, self.puller = self.puller, None
-        if puller is not None:
-            await puller.close()
-        if not self.name:
+    async def _delete(self) -> None:
+        name, self.name = self.name, ""
+        if not name:
             return
         try:
-            await self.client.js._jsm.delete_consumer(infra.TASKS_STREAM, self.name)
+            await self.client.js.delete_consumer(infra.TASKS_STREAM, name)
         except JsNotFoundError:
             pass
         except Exception as exc:  # noqa: BLE001 - it expires by inactivity anyway
-            log.debug("delete results consumer %s: %s", self.name, exc)
+            log.debug("delete results consumer %s: %s", name, exc)
 
 
 def _better(new: TaskResult, old: TaskResult | None) -> bool:
@@ -156,7 +176,7 @@ async def pending_sub_prds(client: NatsClient, session_id: str) -> set[str]:
     """Sub-PRDs of the session whose task is still in ``ORCHESTRATOR_TASKS``."""
     prefix = f"{subjects.ORCHESTRATOR_TASKS}.{session_id}."
     try:
-        info = await client.js._jsm.stream_info(infra.TASKS_STREAM, subjects_filter=prefix + ">")
+        info = await client.js.stream_info(infra.TASKS_STREAM, subjects_filter=prefix + ">")
     except Exception as exc:  # noqa: BLE001 - best effort, only for reporting
         log.debug("stream_info for missing sub-PRDs failed: %s", exc)
         return set()
@@ -191,36 +211,31 @@ async def collect_results(
     got: dict[str, TaskResult] = {}
     seen: set[str] = set()
     msgs: list[Msg] = []
+    done = asyncio.Event()
 
-    def on_msg(msg: Msg) -> None:
+    async def on_msg(msg: Msg) -> None:
         msgs.append(msg)
         result = _read(msg, seen)
         if result is not None and _better(result, got.get(result.sub_prd_id)):
             got[result.sub_prd_id] = result
-            if len(got) >= count:
-                reader.wake.set()
+        # Hold (unacknowledged) no more than the distinct results still missing.
+        reader.pull.capacity = max(0, count - len(got))
+        if len(got) >= count:
+            done.set()
 
-    reader = Reader(client, session_id, on_msg, ack_wait=timeout + 30)
+    def on_rebind() -> None:
+        msgs.clear()  # unacknowledged, they come again from the new consumer
+        seen.clear()
+
+    reader = ResultReader(client, session_id, on_msg, ack_wait=timeout + 30, capacity=count, on_rebind=on_rebind)
     complete = count == 0
     try:
         if not complete:
             await reader.open(wait=max(0.1, min(CONFLICT_WAIT, timeout)))
-        while len(got) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if reader.broken:
-                msgs.clear()  # unacknowledged, they come again from the new consumer
-                seen.clear()
-            try:
-                await reader.request(count - len(got))
-            except (ConsumerConflictError, ValueError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - e.g. reconnecting; retry until the deadline
-                log.warning("collect_results(%s): pull failed (%s); retrying", session_id, exc)
-                await asyncio.sleep(min(0.2, max(0.0, remaining)))
-                continue
-            await reader.wait(remaining)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await done.wait()
+            await reader.stop()
         complete = len(got) >= count
         if complete and msgs:
             # Returned to the caller: now they leave the work-queue stream, confirmed by
@@ -258,7 +273,7 @@ async def remove_results(client: NatsClient, msgs: list[Msg], session_id: str) -
     seqs = [msg.metadata.sequence.stream for msg in msgs]
     while seqs:
         try:
-            await client.js._jsm.delete_msg(infra.TASKS_STREAM, seqs[-1])
+            await client.js.delete_msg(infra.TASKS_STREAM, seqs[-1])
         except (BadRequestError, JsNotFoundError) as exc:
             log.debug("result seq %d already removed: %s", seqs[-1], exc)  # its ack did arrive
         except Exception as exc:  # noqa: BLE001 - e.g. reconnecting; retry until the deadline
@@ -293,73 +308,46 @@ def _read(msg: Msg, seen: set[str] | OrderedDict[str, None]) -> TaskResult | Non
 
 
 class ResultSubscription:
-    """A running ``subscribe_to_results``; ``await unsubscribe()`` to stop it."""
+    """A running ``subscribe_to_results``; ``await unsubscribe()`` to stop it.
+
+    Up to ``SUBSCRIPTION_WINDOW`` results are held (requested or waiting); the handler
+    runs for one at a time, so its pace sets the flow.
+    """
 
     def __init__(self, client: NatsClient, session_id: str, handler: ResultHandler) -> None:
         self.client = client
         self.session_id = subjects.token(session_id, "session_id")
         self.subject = subjects.orchestrator_results(session_id)
         self._handler = handler
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._reader = Reader(client, session_id, self._queue.put_nowait, ack_wait=30.0)
-        self._pull: asyncio.Task[None] | None = None
-        self._deliver: asyncio.Task[None] | None = None
+        self._reader = ResultReader(
+            client, session_id, self._deliver_one, ack_wait=SUBSCRIPTION_ACK_WAIT, capacity=SUBSCRIPTION_WINDOW
+        )
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.closed = False
         self.delivered = 0
 
     @property
     def active(self) -> bool:
-        return self._pull is not None and not self._pull.done() and not self.closed
+        return self._reader.pull.running and not self.closed
 
     async def start(self) -> ResultSubscription:
+        """Create the reader and start delivering.
+
+        Raises:
+            ConsumerConflictError: another reader of the session stayed active.
+        """
         await self._reader.open()
-        self._pull = asyncio.create_task(self._pull_loop(), name=f"wq-results-pull-{self.session_id}")
-        self._deliver = asyncio.create_task(self._deliver_loop(), name=f"wq-results-{self.session_id}")
         return self
 
     async def unsubscribe(self) -> None:
-        """Stop and delete the reader; idempotent. Undelivered results stay in the stream."""
+        """Stop (a running handler may finish, up to 5 s) and delete the reader; idempotent.
+        Undelivered results stay in the stream."""
         if self.closed:
             return
         self.closed = True
-        for task in (self._pull, self._deliver):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
         await self._reader.close()
 
     drain = unsubscribe
-
-    async def _pull_loop(self) -> None:
-        """Keep a window of results requested; the handler's pace sets the flow."""
-        failures = 0
-        while not self.closed:
-            try:
-                await self._reader.request(max(0, SUBSCRIPTION_WINDOW - self._queue.qsize()))
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - outlive outages; the reader is re-created
-                if self.client.state is ConnectionState.CLOSED:
-                    log.warning("results of %s: client closed before unsubscribe()", self.session_id)
-                    return
-                failures += 1
-                log.warning("results of %s: pull failed (%s); retrying", self.session_id, exc)
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
-                continue
-            await self._reader.wait(PULL_EXPIRES)
-
-    async def _deliver_loop(self) -> None:
-        while True:
-            msg = await self._queue.get()
-            try:
-                await self._deliver_one(msg)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("results of %s: delivery failed", self.session_id)
-            self._reader.wake.set()
 
     async def _deliver_one(self, msg: Msg) -> None:
         result = _read(msg, self._seen)

@@ -33,5 +33,5 @@ async def test_work_queue_on_a_replicated_cluster(nats_cluster: NatsCluster) -> 
         [letter] = await list_dead_letters(client)
         assert letter.task_id == "c.t7" and letter.attempts == 2
         for name in (infra.DLQ_STREAM, f"KV_{infra.ATTEMPTS_BUCKET}"):
-            info = await client.js._jsm.stream_info(name)
+            info = await client.js.stream_info(name)
             assert info.config.num_replicas == 3

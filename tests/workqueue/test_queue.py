@@ -23,7 +23,7 @@ from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer, free_port
 from liquidcrypto.workqueue import infra
 from liquidcrypto.workqueue import results as results_mod
-from liquidcrypto.workqueue.worker import Worker
+from liquidcrypto.workqueue.worker import Worker, WorkerOptions
 from tests.helpers import eventually
 
 
@@ -40,7 +40,7 @@ def task(session: str, sub: str, specialist: str | None = None, **payload: Any) 
 
 
 async def stream_messages(client: NatsClient, subject_filter: str) -> int:
-    info = await client.js._jsm.stream_info(streams.ORCHESTRATOR_TASKS, subjects_filter=subject_filter)
+    info = await client.js.stream_info(streams.ORCHESTRATOR_TASKS, subjects_filter=subject_filter)
     return sum((info.state.subjects or {}).values())
 
 
@@ -140,7 +140,7 @@ async def test_worker_holds_only_as_many_tasks_as_free_slots(wq: WorkQueue, clie
         await wq.enqueue_orchestrator_task(task("s", f"t{i}"))
     stop = await wq.start_orchestrator_worker(handler, concurrency=2)
     await eventually(lambda: len(running) == 2, what="two handlers running")
-    info = await client.js._jsm.consumer_info(streams.ORCHESTRATOR_TASKS, infra.WORKER_CONSUMER)
+    info = await client.js.consumer_info(streams.ORCHESTRATOR_TASKS, infra.WORKER_CONSUMER)
     assert info.num_ack_pending == 2 and info.num_pending == 8
     release.set()
     assert (await wq.collect_results("s", 10, 10.0)).complete
@@ -165,12 +165,11 @@ async def test_task_arriving_without_a_free_slot_is_handed_back_to_another_worke
 
         return run
 
-    busy = Worker(client, handler("busy"), concurrency=1)
+    busy = Worker(client, handler("busy"), WorkerOptions(concurrency=1))
     await busy.start()
     await wq.enqueue_orchestrator_task(task("s", "long"))
     await eventually(lambda: ran == [("busy", "long")], what="the long task running")
-    assert busy._puller is not None
-    await busy._puller.request(1)  # the stale request: no slot behind it
+    await busy._pull.request(1)  # the stale request: no slot behind it
     await wq.enqueue_orchestrator_task(task("s", "next"))
     await eventually(lambda: busy.handed_back == 1, what="task handed back")
     stop_idle = await wq.start_orchestrator_worker(handler("idle"))
@@ -274,7 +273,7 @@ async def test_long_task_with_in_progress_is_not_redelivered(wq: WorkQueue, clie
     await wq.enqueue_orchestrator_task(task("s", "long"))
     stop = await wq.start_orchestrator_worker(handler, ack_wait=1.0, concurrency=2)
     [result] = await wq.collect_results("s", 1, 15.0)
-    info = await client.js._jsm.consumer_info(streams.ORCHESTRATOR_TASKS, infra.WORKER_CONSUMER)
+    info = await client.js.consumer_info(streams.ORCHESTRATOR_TASKS, infra.WORKER_CONSUMER)
     await stop()
     assert result.success and calls == 1
     assert info.num_redelivered == 0 and info.delivered.stream_seq == 1
@@ -282,7 +281,7 @@ async def test_long_task_with_in_progress_is_not_redelivered(wq: WorkQueue, clie
 
 async def test_ack_wait_is_never_lowered_under_a_running_worker(wq: WorkQueue, client: NatsClient) -> None:
     async def consumer() -> Any:
-        return await client.js._jsm.consumer_info(streams.ORCHESTRATOR_TASKS, infra.WORKER_CONSUMER)
+        return await client.js.consumer_info(streams.ORCHESTRATOR_TASKS, infra.WORKER_CONSUMER)
 
     async def idle_worker(ack_wait: float) -> Any:
         return await wq.start_orchestrator_worker(lambda t: {"success": True}, ack_wait=ack_wait)
@@ -346,7 +345,7 @@ async def test_collected_results_whose_acks_are_lost_are_deleted(
         await client.js_publish(r.subject, r.to_wire(), msg_id=f"result.s.{sub}")
     psub = await client.js.pull_subscribe("orchestrator.results.s.>", stream=infra.TASKS_STREAM)
     msgs = await psub.fetch(3, timeout=5)
-    await client.js._jsm.delete_consumer(infra.TASKS_STREAM, (await psub.consumer_info()).name)
+    await client.js.delete_consumer(infra.TASKS_STREAM, (await psub.consumer_info()).name)
     monkeypatch.setattr(results_mod, "REMOVE_TIMEOUT", 0.5)
     await results_mod.remove_results(client, msgs, "s")
     assert await stream_messages(client, "orchestrator.results.>") == 0
@@ -391,7 +390,7 @@ async def test_one_reader_per_session(wq: WorkQueue, client: NatsClient) -> None
     first = asyncio.create_task(wq.collect_results("s", 1, timeout=4.0))
 
     async def first_reader_open() -> bool:
-        infos = await client.js._jsm.consumers_info(streams.ORCHESTRATOR_TASKS)
+        infos = await client.js.consumers_info(streams.ORCHESTRATOR_TASKS)
         return any((info.name or "").startswith("results-") for info in infos)
 
     await eventually(first_reader_open, what="the first reader's consumer")
