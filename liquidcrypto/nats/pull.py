@@ -55,6 +55,8 @@ from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
+_ACK_PREFIX = "$JS.ACK."  # the reply subject of every message a consumer delivers
+
 Bind = Callable[[], Awaitable[ConsumerInfo]]
 
 PULL_EXPIRES = 1.0
@@ -351,6 +353,11 @@ class PullConsumer:
     async def _on_msg(self, msg: Msg) -> None:
         status = msg.headers.get(hdr.STATUS) if msg.headers else None
         if not status:
+            if not msg.reply.startswith(_ACK_PREFIX):
+                # Not from JetStream: anyone who learns the inbox could send a "message"
+                # whose reply names any subject ($JS.API...), which an ack would publish to.
+                log.warning("%s: dropped a message on the inbox that JetStream did not send", self.name)
+                return
             self._release(1)
             await self._arrived(msg)
             return
@@ -358,7 +365,7 @@ class PullConsumer:
             return
         headers = msg.headers or {}
         pending = headers.get(hdr.PENDING_MESSAGES)
-        if pending is not None:
+        if pending is not None and pending.isdigit():
             self._release(int(pending))
         elif self._requests:
             self._requests.popleft()

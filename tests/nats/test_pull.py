@@ -201,3 +201,36 @@ async def test_keeps_consuming_after_a_server_restart(
         await eventually(lambda i=i: i in seen, timeout=20, what=f"delivery of {i} after the restart")
     await consumer.stop()
     assert sorted(seen) == list(range(8)) and len(set(seen)) == len(seen)
+
+
+async def test_a_forged_message_on_the_inbox_is_dropped_and_never_answered(client: NatsClient, stream: str) -> None:
+    """Anyone in the account who learns the inbox could send a "task" whose reply subject
+    is, say, a ``$JS.API`` subject: acking it would publish there. Only messages whose
+    reply is a JetStream ack subject are handled."""
+    handled: list[bytes] = []
+    answered: list[bytes] = []
+
+    async def record(msg: Msg) -> None:
+        answered.append(msg.data)
+
+    await client.subscribe_msgs("victim.subject", record)
+
+    async def handler(msg: Msg) -> None:
+        handled.append(msg.data)
+        await msg.ack()
+
+    consumer = PullConsumer(client, stream, handler, durable(client, "forged"), capacity=2, concurrency=1,
+                            ack_wait=30.0)
+    await consumer.start()
+    try:
+        await eventually(lambda: consumer._inbox_sub is not None, what="inbox subscribed")
+        assert consumer._inbox_sub is not None
+        inbox = consumer._inbox_sub.subject
+        await client.nc.publish(inbox, b"forged", reply="victim.subject")
+        await client.nc.publish(inbox, b"", headers={hdr.STATUS: "408", hdr.PENDING_MESSAGES: "not-a-number"})
+        await publish(client, 1)
+        await eventually(lambda: handled == [b"0"], what="the real message handled")
+        await client.flush()
+        assert answered == [] and b"forged" not in handled
+    finally:
+        await consumer.stop()
