@@ -367,7 +367,7 @@ class A2ABus:
                     return
             try:
                 if tasks:
-                    await run_handler(handler, envelope, client)
+                    await run_handler(handler, envelope, client, msg.subject)
                 elif is_coroutine:
                     await handler(envelope)
                 else:

@@ -152,7 +152,7 @@ class DurableSubscription:
             metrics.REDELIVERIES.inc()
         started = time.perf_counter()
         try:
-            await run_handler(self._handler, envelope, self.client)
+            await run_handler(self._handler, envelope, self.client, msg.subject)
         except Exception:
             metrics.HANDLER_ERRORS.labels("durable").inc()
             if delivered >= self.max_deliver:

@@ -53,3 +53,8 @@ GAVE_UP = Counter(
 HANDLER_SECONDS = Histogram(
     "liquidcrypto_a2a_durable_handler_seconds", "Time in a durable A2A handler per message"
 )
+REPLIES_REFUSED = Counter(
+    "liquidcrypto_a2a_replies_refused_total",
+    "Replies not published because the task's reply_to is not a literal subject under the inbox prefix",
+    ["reason"],
+)
