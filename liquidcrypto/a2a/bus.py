@@ -9,8 +9,10 @@ Subjects (built and validated by ``liquidcrypto.nats.subjects``)::
     system.events.{event_type}              publish_system_event, task_state_changed
 
 Publishing goes through JetStream (the ``A2A_TASKS`` stream captures ``agents.>`` and
-``system.>`` for one hour) and returns the stream sequence; an id the caller chose is
-also sent as ``Nats-Msg-Id`` so the stream de-duplicates a re-sent task. Non-durable
+``system.>`` for one hour) and returns the stream sequence. Every envelope's id (the
+caller's ``id=``, or a generated one) is sent as ``Nats-Msg-Id``, so the stream stores a
+re-sent envelope once: to retry safely after an ambiguous failure, pass your own ``id=``
+(or publish again with the id the error names). Non-durable
 subscriptions are core NATS subscriptions (they see a message as soon as the server
 does); durable ones are JetStream consumers (``liquidcrypto.a2a.durable``).
 """
@@ -90,23 +92,37 @@ def absolute_pattern(pattern: str) -> str:
     return subjects.agents_pattern(pattern)
 
 
-def _task_fields(task: Any) -> tuple[str | None, Any, str | None, dict[str, Any] | None]:
-    """(the caller's id or None, data, correlation_id, metadata) of what was passed as a task."""
+def _task_fields(
+    task: Any, id: str | None = None
+) -> tuple[str | None, Any, str | None, dict[str, Any] | None]:
+    """(the caller's id or None, data, correlation_id, metadata) of what was passed as a task.
+
+    Raises:
+        InvalidTaskError: an id is not valid (``check_id``), or ``id`` and the task's differ.
+    """
+    given = None if id is None else env_mod.check_id(id, "task id")
     if task is None:
-        return None, None, None, None
+        return given, None, None, None
     if isinstance(task, Envelope):
-        return task.id, task.data, task.correlation_id, task.metadata
+        return _one_id(given, task.id), task.data, task.correlation_id, task.metadata
     if not isinstance(task, Mapping):
-        return None, task, None, None
-    task_id = task.get("id")
-    if task_id is not None and (not isinstance(task_id, str) or not task_id.strip() or len(task_id) > 256):
-        raise InvalidTaskError(f"task id {task_id!r} must be a non-empty string of at most 256 characters")
+        return given, task, None, None
+    task_id = _one_id(given, task.get("id"))
     if "payload" not in task and "data" not in task:
         return task_id, {k: v for k, v in task.items() if k != "id"} or None, None, None
     data = task["payload"] if "payload" in task else task["data"]
     correlation = task.get("correlation_id") or task.get("correlationId")
     rest = {k: v for k, v in task.items() if k not in _TASK_KEYS}
     return task_id, data, correlation, rest or None
+
+
+def _one_id(given: str | None, in_task: Any) -> str | None:
+    if in_task is None:
+        return given
+    env_mod.check_id(in_task, "task id")
+    if given is not None and given != in_task:
+        raise InvalidTaskError(f"task id {in_task!r} differs from id={given!r}; pass one of them")
+    return str(in_task)
 
 
 class A2ABus:
@@ -150,8 +166,8 @@ class A2ABus:
     # -- publishing ------------------------------------------------------------
 
     async def publish_task(
-        self, agent_id: str, task_type: str, task: Any = None, *, ack: bool = True, timeout: float = 5.0,
-        reply_to: str | None = None,
+        self, agent_id: str, task_type: str, task: Any = None, *, id: str | None = None, ack: bool = True,
+        timeout: float = 5.0, reply_to: str | None = None,
     ) -> int | None:
         """Send a task to ``agents.{agent_id}.tasks.{task_type}``.
 
@@ -162,6 +178,9 @@ class A2ABus:
                 kept, ``payload``/``data`` become the envelope's data, other keys its
                 metadata), a dict without ``payload`` (all of it but ``id`` is the data),
                 an ``Envelope``, or any JSON value (the data).
+            id: the envelope id (default: the task's ``id``, else a fresh one). It is the
+                de-duplication id: publishing again with the same id within the stream's
+                hour stores it once, so a retry after a failure is safe.
             ack: wait until JetStream stored it (default). ``False`` publishes on core
                 NATS without waiting (the stream still stores and de-duplicates it).
             timeout: seconds to wait for the acknowledgement.
@@ -173,17 +192,19 @@ class A2ABus:
 
         Raises:
             InvalidSubjectError: ``agent_id`` or ``task_type`` is not a valid token.
-            InvalidTaskError: the task id is not a non-empty string.
+            InvalidTaskError: the id is not valid (``envelope.check_id``), or two differ.
             InvalidPayloadError: the task is not JSON-able.
-            NatsUnavailableError: it could not be stored.
+            NatsUnavailableError: it could not be stored (the message names the id to
+                retry with).
         """
         subject = _task_subject(agent_id, task_type)
-        given_id, data, correlation, metadata = _task_fields(task)
+        given_id, data, correlation, metadata = _task_fields(task, id)
+        msg_id = given_id or env_mod.new_id()
         payload = env_mod.encode(
-            id=given_id or env_mod.new_id(), kind=Kind.TASK, agent_id=agent_id, type=task_type, data=data,
+            id=msg_id, kind=Kind.TASK, agent_id=agent_id, type=task_type, data=data,
             correlation_id=correlation, reply_to=reply_to, metadata=metadata,
         )
-        return await self._publish(subject, payload, given_id, Kind.TASK, ack, timeout)
+        return await self._publish(subject, payload, msg_id, Kind.TASK, ack, timeout)
 
     async def publish_event(
         self, agent_id: str, event_type: str, data: Any = None, *, task_id: str | None = None,
@@ -195,11 +216,12 @@ class A2ABus:
         fresh one) is the de-duplication id. Returns and raises as ``publish_task``.
         """
         subject = _event_subject(agent_id, event_type)
+        msg_id = env_mod.new_id() if id is None else env_mod.check_id(id, "event id")
         payload = env_mod.encode(
-            id=id or env_mod.new_id(), kind=Kind.EVENT, agent_id=agent_id, type=event_type, data=data, task_id=task_id,
+            id=msg_id, kind=Kind.EVENT, agent_id=agent_id, type=event_type, data=data, task_id=task_id,
             correlation_id=correlation_id,
         )
-        return await self._publish(subject, payload, id, Kind.EVENT, ack, timeout)
+        return await self._publish(subject, payload, msg_id, Kind.EVENT, ack, timeout)
 
     async def publish_system_event(
         self, event_type: str, data: Any = None, *, task_id: str | None = None, id: str | None = None,
@@ -208,37 +230,39 @@ class A2ABus:
         """Publish a system-wide event on ``system.events.{event_type}`` (``agent_id`` is
         ``"system"``). Returns and raises as ``publish_task``."""
         subject = subjects.system_event(event_type)
+        msg_id = env_mod.new_id() if id is None else env_mod.check_id(id, "event id")
         payload = env_mod.encode(
-            id=id or env_mod.new_id(), kind=Kind.SYSTEM, agent_id=SYSTEM_AGENT, type=event_type, data=data,
+            id=msg_id, kind=Kind.SYSTEM, agent_id=SYSTEM_AGENT, type=event_type, data=data,
             task_id=task_id,
         )
-        return await self._publish(subject, payload, id, Kind.SYSTEM, ack, timeout)
+        return await self._publish(subject, payload, msg_id, Kind.SYSTEM, ack, timeout)
 
     async def publish_task_async(
-        self, agent_id: str, task_type: str, task: Any = None, *, stall: float = 5.0
+        self, agent_id: str, task_type: str, task: Any = None, *, id: str | None = None, stall: float = 5.0
     ) -> asyncio.Future[PubAck]:
         """Send a task without waiting: returns a future of JetStream's acknowledgement.
 
         Many publishes then share the round trips (nats-py ``publish_async``; at most 4,000
         pending, ``stall`` seconds of waiting for a slot). A failed acknowledgement nobody
-        awaits is logged and counted. ``wait_acks()`` waits for all of them.
+        awaits is logged and counted. ``wait_acks()`` waits for all of them. ``id`` is
+        the de-duplication id, as for ``publish_task``.
 
         Raises:
+            InvalidTaskError: the id is not valid, or two differ.
             NatsUnavailableError: no slot freed up within ``stall`` seconds.
         """
         subject = _task_subject(agent_id, task_type)
-        given_id, data, correlation, metadata = _task_fields(task)
+        given_id, data, correlation, metadata = _task_fields(task, id)
+        msg_id = given_id or env_mod.new_id()
         payload = env_mod.encode(
-            id=given_id or env_mod.new_id(), kind=Kind.TASK, agent_id=agent_id, type=task_type, data=data,
+            id=msg_id, kind=Kind.TASK, agent_id=agent_id, type=task_type, data=data,
             correlation_id=correlation, metadata=metadata,
         )
         try:
-            fut = await self.client.js_publish_async_raw(
-                subject, payload, {hdr.MSG_ID: given_id} if given_id else None, stall=stall
-            )
-        except NatsUnavailableError:
+            fut = await self.client.js_publish_async_raw(subject, payload, {hdr.MSG_ID: msg_id}, stall=stall)
+        except NatsUnavailableError as exc:
             metrics.PUBLISH_FAILURES.inc()
-            raise
+            raise _with_id(exc, msg_id) from exc
         fut.add_done_callback(_log_async_failure)
         _PUBLISHED["task"] += 1
         return fut
@@ -258,25 +282,26 @@ class A2ABus:
             ) from None
 
     async def _publish(
-        self, subject: str, payload: bytes, msg_id: str | None, kind: Kind, ack: bool, timeout: float
+        self, subject: str, payload: bytes, msg_id: str, kind: Kind, ack: bool, timeout: float
     ) -> int | None:
-        """Publish; ``msg_id`` (an id the caller chose) goes out as ``Nats-Msg-Id``.
+        """Publish with the envelope id ``msg_id`` as ``Nats-Msg-Id``, always.
 
-        A generated id is never sent again, so it needs no de-duplication, and a message
-        without headers costs subscribers measurably less (see the benchmark).
+        Also a generated id: a publish that failed ambiguously (a timeout while the
+        message sat in a reconnect buffer) may still be stored, and the caller's retry
+        with the id the error names is then de-duplicated instead of stored twice.
         """
         if self._closed:
             raise LiquidNatsError("the A2A bus is closed")
-        headers = {hdr.MSG_ID: msg_id} if msg_id else None
-        if not ack:
-            await self.client.publish_raw(subject, payload, headers)
-            _PUBLISHED[kind] += 1
-            return None
+        headers = {hdr.MSG_ID: msg_id}
         try:
+            if not ack:
+                await self.client.publish_raw(subject, payload, headers)
+                _PUBLISHED[kind] += 1
+                return None
             pub_ack = await self.client.js_publish_raw(subject, payload, headers, timeout=timeout)
-        except NatsUnavailableError:
+        except NatsUnavailableError as exc:
             metrics.PUBLISH_FAILURES.inc()
-            raise
+            raise _with_id(exc, msg_id) from exc
         if pub_ack.duplicate:
             log.info("%s: id %s was already stored (seq %s); not stored twice", subject, msg_id, pub_ack.seq)
         else:
@@ -520,10 +545,16 @@ class A2ABus:
 
     async def _publish_heartbeat(self, agent_id: str, status: dict[str, Any] | None) -> None:
         subject = subjects.agent_heartbeat(agent_id)
+        payload_id = env_mod.new_id()
         payload = env_mod.encode(
-            id=env_mod.new_id(), kind=Kind.HEARTBEAT, agent_id=agent_id, type="heartbeat", data=status
+            id=payload_id, kind=Kind.HEARTBEAT, agent_id=agent_id, type="heartbeat", data=status
         )
-        await self._publish(subject, payload, None, Kind.HEARTBEAT, False, 5.0)
+        await self._publish(subject, payload, payload_id, Kind.HEARTBEAT, False, 5.0)
+
+
+def _with_id(exc: NatsUnavailableError, msg_id: str) -> NatsUnavailableError:
+    """``exc`` naming the envelope id a retry must reuse to be de-duplicated."""
+    return NatsUnavailableError(f"{exc} (envelope id {msg_id!r}: retry with id={msg_id!r} to store it at most once)")
 
 
 def _log_async_failure(fut: asyncio.Future[PubAck]) -> None:

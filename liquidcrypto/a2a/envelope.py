@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -32,10 +33,13 @@ import orjson
 from nats.nuid import NUID
 
 from liquidcrypto import codec
-from liquidcrypto.errors import InvalidPayloadError
+from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError
 from liquidcrypto.nats import headers as hdr
 
 SYSTEM_AGENT = "system"
+MAX_ID = 256
+"""The longest envelope id a caller may choose (it is also the ``Nats-Msg-Id`` header)."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Ids: a random per-process prefix (NUID, 22 characters) plus a counter. Unique across
 # processes and ~4x cheaper than a NUID per message on the hot publish path.
@@ -125,6 +129,23 @@ _ALIASES = {
 def new_id() -> str:
     """A unique message id: 16 random characters per process, then a hex counter."""
     return f"{_PREFIX}{next(_counter):x}"
+
+
+def check_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if it can be an envelope id chosen by a caller.
+
+    It is sent as the ``Nats-Msg-Id`` header, so it must be a non-empty string of at most
+    ``MAX_ID`` characters without control characters (a CR/LF would end the header).
+
+    Raises:
+        InvalidTaskError: (a ``ValueError``) naming ``what`` and the value.
+    """
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID or _CONTROL.search(value):
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 80 else repr(value[:80]) + "..."
+        raise InvalidTaskError(
+            f"{what} {shown} must be a non-empty string of at most {MAX_ID} characters without control characters"
+        )
+    return value
 
 
 def now_ms() -> int:

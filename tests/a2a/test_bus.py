@@ -104,7 +104,7 @@ async def test_task_without_payload_and_plain_values(client: NatsClient, bus: A2
     seq = await bus.publish_task("a1", "echo", [1, 2, 3])
     _, body, headers = await stored(client, seq)
     assert body["data"] == [1, 2, 3] and body["id"]
-    assert "Nats-Msg-Id" not in headers  # a generated id is never re-sent: nothing to de-duplicate
+    assert headers["Nats-Msg-Id"] == body["id"]  # generated ids too: a caller's retry is de-duplicated
     seq2 = await bus.publish_task("a1", "echo", [1, 2, 3])
     _, body2, _ = await stored(client, seq2)
     assert seq2 == seq + 1 and body2["id"] != body["id"]
