@@ -325,10 +325,11 @@ class A2ABus:
             queue: with ``durable=None``, a core queue group: each task reaches one member.
             durable: a durable JetStream consumer of this name: tasks published while no
                 subscriber runs are delivered when one comes back (within the stream's
-                hour), in order, acked after the handler returns, redelivered if it
-                raises (up to ``max_deliver`` times) or the process dies. Every process
-                using the same name shares the consumer (a durable queue group, so
-                ``queue`` adds nothing here).
+                hour), acked after the handler returns, retried in place if it raises
+                (up to ``max_deliver`` attempts, later tasks waiting: each subscriber
+                handles its tasks in stream order), redelivered if the process dies.
+                Every process using the same name shares the consumer (a durable queue
+                group, so ``queue`` adds nothing here; order then holds per process).
             batch: durable only: messages fetched per request while busy.
             ack_wait: durable only: seconds before an unacknowledged message is redelivered.
             max_deliver: durable only: attempts before a failing message is terminated.

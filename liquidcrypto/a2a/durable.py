@@ -7,17 +7,22 @@ using the same name share the consumer: each message goes to one of them (the qu
 group of the durable world).
 
 Per message: decode the envelope (a bad one is logged and *terminated*, so it is never
-redelivered), run the handler, then ``ack``. A handler that raises gets the message
-``nak``-ed with a growing delay and redelivered, up to ``max_deliver`` attempts, after
-which it is terminated and counted. A long handler keeps its message with
-``in_progress()`` so ``ack_wait`` does not expire under it. A process that dies leaves
-its message unacked: the server redelivers it after ``ack_wait``. The consumer is read
+redelivered), run the handler, then ``ack``. A handler that raises is retried *in place*
+after a growing delay (``nak_delay``), up to ``max_deliver`` attempts in all, after which
+the message is terminated and counted. The message is kept (``in_progress()``) meanwhile
+and the messages behind it wait: a subscriber handles its messages in stream order, a
+retried one included (a ``nak`` with a delay would let later messages overtake it). A
+long handler keeps its message the same way, so ``ack_wait`` does not expire under it.
+A process that dies leaves its message unacked: the server redelivers it after
+``ack_wait``, possibly after later messages were handled by another subscriber of the
+same durable (the order guarantee is per subscriber, see ``docs/a2a.md``). The consumer is read
 through ``liquidcrypto.nats.pull.PullConsumer`` (bounded pulls, heartbeats, re-binding
 after reconnects, a clean stop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -79,6 +84,7 @@ class DurableSubscription:
         self.max_deliver = max_deliver
         self.handled = 0
         self.since = datetime.now(UTC)
+        self._stopping = asyncio.Event()  # cuts a retry's wait short
         # One handler at a time keeps the stream's order; a quarter of ack_wait between
         # heartbeats marks a running message well before its ack_wait runs out, whatever
         # the phase of the beat relative to the handler's start.
@@ -147,37 +153,51 @@ class DurableSubscription:
             log.warning("durable %s: terminating bad message on %s: %s", self.durable, msg.subject, exc)
             await _quietly(msg.term(), "term")
             return
-        delivered = msg.metadata.num_delivered or 1
-        if delivered > 1:
+        attempt = msg.metadata.num_delivered or 1
+        if attempt > 1:
             metrics.REDELIVERIES.inc()
+        while not await self._attempt(msg, envelope, attempt):
+            if attempt >= self.max_deliver:
+                metrics.GAVE_UP.inc()
+                log.error(
+                    "durable %s: giving up on task %s (%s) after %d attempts; terminated",
+                    self.durable, envelope.id, msg.subject, attempt,
+                )
+                await _quietly(msg.term(), "term")
+                return
+            # Retried here, the message kept: later messages must not overtake it.
+            delay = nak_delay(attempt)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except TimeoutError:
+                attempt += 1
+                continue
+            await _quietly(msg.nak(), "nak")  # stopping: another subscriber takes it now
+            return
+        metrics.RECEIVED_COUNTS["durable"] += 1
+        self.handled += 1
+        await _quietly(msg.ack(), "ack")
+
+    async def _attempt(self, msg: Msg, envelope: Envelope, attempt: int) -> bool:
+        """Run the handler once; whether it returned (a failure is logged and counted)."""
         started = time.perf_counter()
         try:
             await run_handler(self._handler, envelope, self.client, msg.subject)
         except Exception:
             metrics.HANDLER_ERRORS.labels("durable").inc()
-            if delivered >= self.max_deliver:
-                metrics.GAVE_UP.inc()
-                log.exception(
-                    "durable %s: handler failed on %s (task %s), attempt %d of %d; giving up (terminated)",
-                    self.durable, msg.subject, envelope.id, delivered, self.max_deliver,
-                )
-                await _quietly(msg.term(), "term")
-            else:
-                log.exception(
-                    "durable %s: handler failed on %s (task %s), attempt %d of %d; will redeliver",
-                    self.durable, msg.subject, envelope.id, delivered, self.max_deliver,
-                )
-                await _quietly(msg.nak(delay=nak_delay(delivered)), "nak")
-            return
+            log.exception(
+                "durable %s: handler failed on %s (task %s), attempt %d of %d",
+                self.durable, msg.subject, envelope.id, attempt, self.max_deliver,
+            )
+            return False
         finally:
             metrics.HANDLER_SECONDS.observe(time.perf_counter() - started)
-        metrics.RECEIVED_COUNTS["durable"] += 1
-        self.handled += 1
-        await _quietly(msg.ack(), "ack")
+        return True
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop after the message in hand (cancelled and handed back after ``timeout``);
         messages fetched and not yet handled are handed back; the consumer stays."""
+        self._stopping.set()
         await self._pull.stop(timeout)
 
     async def unsubscribe(self) -> None:

@@ -226,3 +226,25 @@ async def test_durable_handler_answers_a_request(make_client: Any, bus: A2ABus) 
     await agent.subscribe_to_tasks("calc.tasks.*", lambda t: {"sum": sum(t.data)}, durable="calc")
     assert await bus.request_agent("calc", "add", [1, 2, 3], timeout=5) == {"sum": 6}
     await agent.close()
+
+
+async def test_a_retried_message_is_not_overtaken_by_later_ones(bus: A2ABus, client: NatsClient) -> None:
+    """Issue 10, finding 7: a durable subscriber handles its messages in stream order,
+    also while one of them is retried after failures."""
+    attempts: list[str] = []
+    handled: list[str] = []
+
+    def handler(task: Envelope) -> None:
+        attempts.append(task.data)
+        if task.data == "m1" and attempts.count("m1") <= 2:
+            raise RuntimeError("m1 fails twice")
+        handled.append(task.data)
+
+    sub = await bus.subscribe_to_tasks("ordered.tasks.*", handler, durable="ordered")
+    assert isinstance(sub, DurableSubscription)
+    for name in ("m1", "m2", "m3"):
+        await bus.publish_task("ordered", "job", name)
+    await eventually(lambda: len(handled) == 3, what="all three handled")
+    assert handled == ["m1", "m2", "m3"]
+    assert attempts == ["m1", "m1", "m1", "m2", "m3"]
+    await eventually(lambda: _acked(client, "ordered"), what="all acked")
