@@ -4,12 +4,18 @@ resumable per-task history kept in a JetStream key-value bucket.
 Why a KV bucket and not only ``system.events.task_state_changed``: the events of every
 task share that one subject, so the stream alone cannot give a per-task sequence without
 scanning it, and two writers could both claim "seq 3". The bucket ``A2A_TASK_STATES``
-holds one key per task whose value is the task's whole history; every change is a
+holds one key per task whose value is the task's recent history; every change is a
 compare-and-set on the key's revision (``Nats-Expected-Last-Subject-Sequence``), so the
 per-task ``seq`` is gap-free and monotonic even with concurrent writers, and a watcher
 that sees any later value can emit every change it missed. After the change is committed
 it is also published as the system event ``task_state_changed`` (de-duplicated by the id
-``{task_id}:{seq}``) for subscribers of ``system.events.>``.
+``{task_id}:state:{seq}``) for subscribers of ``system.events.>``.
+
+The stored value is bounded, so no task (and no sender of updates) can grow it past the
+server's ``max_payload``: it keeps the last ``HISTORY_LIMIT`` changes (fewer if they
+would pass ``MAX_RECORD_BYTES``), and the last change's ``seq`` is the total count. One
+change larger than ``MAX_CHANGE_BYTES`` encoded is refused. The full history stays in the
+``task_state_changed`` events of the ``A2A_TASKS`` stream (one hour).
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ log = logging.getLogger(__name__)
 
 TASK_STATES_BUCKET = streams.A2A_TASK_STATES
 _CAS_ATTEMPTS = 50
+HISTORY_LIMIT = 100
+"""The most state changes a task's stored record keeps (the newest ones)."""
+MAX_CHANGE_BYTES = 64 * 1024
+"""The largest state change (``message`` and ``data`` included), JSON-encoded."""
+MAX_RECORD_BYTES = 256 * 1024
+"""The largest stored record: older changes are dropped to stay under it."""
 
 
 class TaskState(StrEnum):
@@ -100,7 +112,11 @@ class TaskStateChange(codec.Model, frozen=True, kw_only=True, omit_defaults=True
 
 
 class TaskRecord(codec.Model, frozen=True, kw_only=True, omit_defaults=True):
-    """The stored history of a task (the value of its key in ``A2A_TASK_STATES``)."""
+    """The stored history of a task (the value of its key in ``A2A_TASK_STATES``).
+
+    ``changes`` are the newest ones, at most ``HISTORY_LIMIT``; ``count`` (the last
+    ``seq``) is how many the task had in all.
+    """
 
     task_id: str
     changes: list[TaskStateChange]
@@ -113,12 +129,46 @@ class TaskRecord(codec.Model, frozen=True, kw_only=True, omit_defaults=True):
     def seq(self) -> int:
         return self.changes[-1].seq
 
+    @property
+    def count(self) -> int:
+        """How many changes the task had, including those no longer kept."""
+        return self.changes[-1].seq
+
+
+def _bounded(task_id: str, changes: list[TaskStateChange]) -> bytes:
+    """The encoded record of the newest ``changes`` within ``HISTORY_LIMIT`` and ``MAX_RECORD_BYTES``."""
+    changes = changes[-HISTORY_LIMIT:]
+    value = TaskRecord(task_id=task_id, changes=changes).encode()
+    if len(value) <= MAX_RECORD_BYTES:
+        return value
+    excess = len(value) - MAX_RECORD_BYTES
+    drop = 0
+    while excess > 0 and drop < len(changes) - 1:
+        excess -= len(changes[drop].encode()) + 1  # the change and its comma
+        drop += 1
+    return TaskRecord(task_id=task_id, changes=changes[drop:]).encode()
+
 
 def _parse(task_id: str, raw: bytes | None) -> TaskRecord:
     try:
         return TaskRecord.decode(raw or b"")
     except ValueError as exc:
         raise InvalidPayloadError(f"stored state of task {task_id!r} is unreadable: {exc}") from exc
+
+
+def _check_size(task_id: str, state: TaskState, message: str | None, data: Any) -> None:
+    """Refuse a change whose ``message`` and ``data`` pass ``MAX_CHANGE_BYTES`` encoded.
+
+    Raises:
+        InvalidPayloadError: naming the task, the size and the limit.
+    """
+    probe = TaskStateChange(task_id=task_id, seq=0, state=state, timestamp=0, message=message, data=data)
+    size = len(probe.encode())
+    if size > MAX_CHANGE_BYTES:
+        raise InvalidPayloadError(
+            f"task {task_id!r}: a state change of {size:,} bytes (message and data) exceeds the limit of "
+            f"{MAX_CHANGE_BYTES:,} bytes; store large results elsewhere and reference them"
+        )
 
 
 class TaskStateStore:
@@ -155,9 +205,12 @@ class TaskStateStore:
 
         Raises:
             IllegalTransitionError: the move is illegal from the task's current state.
+            InvalidPayloadError: ``data`` is not JSON-able, or the change is larger than
+                ``MAX_CHANGE_BYTES`` encoded.
         """
         kv = await self.bucket()
         key = kv_key(task_id, "task_id")
+        _check_size(task_id, state, message, data)
         for _ in range(_CAS_ATTEMPTS):
             try:
                 entry = await kv.get(key)
@@ -177,8 +230,7 @@ class TaskStateStore:
                 message=message,
                 data=data,
             )
-            changes = [*(record.changes if record else []), change]
-            value = TaskRecord(task_id=task_id, changes=changes).encode()
+            value = _bounded(task_id, [*(record.changes if record else []), change])
             try:
                 if revision:
                     await kv.update(key, value, last=revision)
@@ -195,7 +247,9 @@ class TaskStateStore:
     async def watch(self, task_id: str, since_seq: int | None = None) -> AsyncIterator[TaskStateChange]:
         """Yield the task's changes after ``since_seq`` in order, then live ones.
 
-        Ends after a terminal state. A task with no state yet is waited for.
+        Ends after a terminal state. A task with no state yet is waited for. Only the
+        last ``HISTORY_LIMIT`` changes are stored: a cursor older than that resumes at the
+        oldest kept change (its ``seq`` shows how many were missed).
         """
         kv = await self.bucket()
         key = kv_key(task_id, "task_id")
