@@ -45,7 +45,6 @@ from liquidcrypto.a2a.registry import AgentCard, AgentInfo, AgentRegistry
 from liquidcrypto.a2a.replies import ReplyInbox, run_handler
 from liquidcrypto.errors import (
     InvalidPayloadError,
-    InvalidTaskError,
     LiquidNatsError,
     NatsUnavailableError,
 )
@@ -78,7 +77,6 @@ def _cached(builder: Callable[[str, str], str]) -> Callable[[Any, Any], str]:
 
 _task_subject = _cached(subjects.agent_task)
 _event_subject = _cached(subjects.agent_event)
-_TASK_KEYS = frozenset({"id", "payload", "data", "correlation_id", "correlationId"})
 
 
 def absolute_pattern(pattern: str) -> str:
@@ -90,39 +88,6 @@ def absolute_pattern(pattern: str) -> str:
     if isinstance(pattern, str) and pattern.startswith(("agents.", "system.")):
         return subjects.pattern(pattern)
     return subjects.agents_pattern(pattern)
-
-
-def _task_fields(
-    task: Any, id: str | None = None
-) -> tuple[str | None, Any, str | None, dict[str, Any] | None]:
-    """(the caller's id or None, data, correlation_id, metadata) of what was passed as a task.
-
-    Raises:
-        InvalidTaskError: an id is not valid (``check_id``), or ``id`` and the task's differ.
-    """
-    given = None if id is None else env_mod.check_id(id, "task id")
-    if task is None:
-        return given, None, None, None
-    if isinstance(task, Envelope):
-        return _one_id(given, task.id), task.data, task.correlation_id, task.metadata
-    if not isinstance(task, Mapping):
-        return given, task, None, None
-    task_id = _one_id(given, task.get("id"))
-    if "payload" not in task and "data" not in task:
-        return task_id, {k: v for k, v in task.items() if k != "id"} or None, None, None
-    data = task["payload"] if "payload" in task else task["data"]
-    correlation = task.get("correlation_id") or task.get("correlationId")
-    rest = {k: v for k, v in task.items() if k not in _TASK_KEYS}
-    return task_id, data, correlation, rest or None
-
-
-def _one_id(given: str | None, in_task: Any) -> str | None:
-    if in_task is None:
-        return given
-    env_mod.check_id(in_task, "task id")
-    if given is not None and given != in_task:
-        raise InvalidTaskError(f"task id {in_task!r} differs from id={given!r}; pass one of them")
-    return str(in_task)
 
 
 class A2ABus:
@@ -198,7 +163,7 @@ class A2ABus:
                 retry with).
         """
         subject = _task_subject(agent_id, task_type)
-        given_id, data, correlation, metadata = _task_fields(task, id)
+        given_id, data, correlation, metadata = env_mod.task_fields(task, id)
         msg_id = given_id or env_mod.new_id()
         payload = env_mod.encode(
             id=msg_id, kind=Kind.TASK, agent_id=agent_id, type=task_type, data=data,
@@ -252,7 +217,7 @@ class A2ABus:
             NatsUnavailableError: no slot freed up within ``stall`` seconds.
         """
         subject = _task_subject(agent_id, task_type)
-        given_id, data, correlation, metadata = _task_fields(task, id)
+        given_id, data, correlation, metadata = env_mod.task_fields(task, id)
         msg_id = given_id or env_mod.new_id()
         payload = env_mod.encode(
             id=msg_id, kind=Kind.TASK, agent_id=agent_id, type=task_type, data=data,

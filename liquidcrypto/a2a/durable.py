@@ -160,7 +160,7 @@ class DurableSubscription:
             if attempt >= self.max_deliver:
                 metrics.GAVE_UP.inc()
                 log.error(
-                    "durable %s: giving up on task %s (%s) after %d attempts; terminated",
+                    "durable %s: giving up on task %.80r (%s) after %d attempts; terminated",
                     self.durable, envelope.id, msg.subject, attempt,
                 )
                 await _quietly(msg.term(), "term")
@@ -186,7 +186,7 @@ class DurableSubscription:
         except Exception:
             metrics.HANDLER_ERRORS.labels("durable").inc()
             log.exception(
-                "durable %s: handler failed on %s (task %s), attempt %d of %d",
+                "durable %s: handler failed on %s (task %.80r), attempt %d of %d",
                 self.durable, msg.subject, envelope.id, attempt, self.max_deliver,
             )
             return False

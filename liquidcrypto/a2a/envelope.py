@@ -40,6 +40,7 @@ SYSTEM_AGENT = "system"
 MAX_ID = 256
 """The longest envelope id a caller may choose (it is also the ``Nats-Msg-Id`` header)."""
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TASK_KEYS = frozenset({"id", "payload", "data", "correlation_id", "correlationId"})
 
 # Ids: a random per-process prefix (NUID, 22 characters) plus a counter. Unique across
 # processes and ~4x cheaper than a NUID per message on the hot publish path.
@@ -146,6 +147,40 @@ def check_id(value: object, what: str = "id") -> str:
             f"{what} {shown} must be a non-empty string of at most {MAX_ID} characters without control characters"
         )
     return value
+
+
+def task_fields(
+    task: Any, id: str | None = None
+) -> tuple[str | None, Any, str | None, dict[str, Any] | None]:
+    """(the caller's id or None, data, correlation_id, metadata) of what was passed as a task
+    to ``publish_task`` (see there), and its ``id=``.
+
+    Raises:
+        InvalidTaskError: an id is not valid (``check_id``), or ``id`` and the task's differ.
+    """
+    given = None if id is None else check_id(id, "task id")
+    if task is None:
+        return given, None, None, None
+    if isinstance(task, Envelope):
+        return _one_id(given, task.id), task.data, task.correlation_id, task.metadata
+    if not isinstance(task, Mapping):
+        return given, task, None, None
+    task_id = _one_id(given, task.get("id"))
+    if "payload" not in task and "data" not in task:
+        return task_id, {k: v for k, v in task.items() if k != "id"} or None, None, None
+    data = task["payload"] if "payload" in task else task["data"]
+    correlation = task.get("correlation_id") or task.get("correlationId")
+    rest = {k: v for k, v in task.items() if k not in _TASK_KEYS}
+    return task_id, data, correlation, rest or None
+
+
+def _one_id(given: str | None, in_task: Any) -> str | None:
+    if in_task is None:
+        return given
+    check_id(in_task, "task id")
+    if given is not None and given != in_task:
+        raise InvalidTaskError(f"task id {in_task!r} differs from id={given!r}; pass one of them")
+    return str(in_task)
 
 
 def now_ms() -> int:

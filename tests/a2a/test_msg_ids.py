@@ -102,5 +102,5 @@ async def test_ids_that_cannot_be_a_header_value_are_refused(bus: A2ABus, bad: A
 
 
 async def test_two_different_ids_for_one_task_are_refused(bus: A2ABus) -> None:
-    with pytest.raises(InvalidTaskError, match="'a'.*'b'"):
+    with pytest.raises(InvalidTaskError, match=r"'a'.*'b'"):
         await bus.publish_task("agent-a", "job", {"id": "a", "payload": 1}, id="b")
