@@ -40,16 +40,20 @@ async def test_generated_ids_are_sent_as_msg_id(client: NatsClient, bus: A2ABus)
         assert headers.get("Nats-Msg-Id") == envelope_id, f"seq {seq} stored without its id as Nats-Msg-Id"
 
 
-async def test_core_publishes_and_heartbeats_carry_the_id_too(client: NatsClient, bus: A2ABus) -> None:
+async def test_core_publishes_carry_the_id_only_when_the_caller_chose_it(client: NatsClient, bus: A2ABus) -> None:
+    """An ``ack=False`` publish that raised was not sent: a generated id needs no header there
+    (it would cost every subscriber), a chosen one still de-duplicates."""
     before = (await client.js.stream_info(streams.A2A_TASKS)).state.last_seq
     await bus.publish_task("agent-a", "job", {"payload": 1}, ack=False)
-    await bus.register_agent({"id": "agent-a"}, heartbeat=False)
-    await eventually(
-        lambda: _last_seq_at_least(client, before + 2), what="both stored"
-    )
-    for seq in (before + 1, before + 2):
-        headers, envelope_id = await headers_and_id(client, seq)
-        assert headers.get("Nats-Msg-Id") == envelope_id
+    await bus.publish_task("agent-a", "job", {"payload": 2}, ack=False, id="core-1")
+    await bus.publish_task("agent-a", "job", {"payload": 2}, ack=False, id="core-1")
+    await bus.publish_event("agent-a", "progress", 3)  # a barrier: stored after the others
+    await eventually(lambda: _last_seq_at_least(client, before + 3), what="stored")
+    first, _ = await headers_and_id(client, before + 1)
+    second, second_id = await headers_and_id(client, before + 2)
+    assert "Nats-Msg-Id" not in first
+    assert second.get("Nats-Msg-Id") == second_id == "core-1"
+    assert (await client.js.stream_info(streams.A2A_TASKS)).state.last_seq == before + 3  # "core-1" once
 
 
 async def _last_seq_at_least(client: NatsClient, seq: int) -> bool:
