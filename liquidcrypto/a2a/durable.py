@@ -53,7 +53,7 @@ _RETRY_CAP = 5.0
 
 
 def nak_delay(attempt: int) -> float:
-    """Delay before redelivering after the ``attempt``-th failure: 0.1 s doubling, 5 s cap."""
+    """Delay before retrying after the ``attempt``-th failure: 0.1 s doubling, 5 s cap."""
     return float(min(_RETRY_CAP, 0.1 * 2 ** max(0, attempt - 1)))
 
 
