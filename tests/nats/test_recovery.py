@@ -106,8 +106,10 @@ async def test_over_size_publishes_are_refused_before_sending(client: NatsClient
     await client.subscribe("big.after", got.put)
     await client.publish("big.after", {"ok": True})
     assert await asyncio.wait_for(got.get(), 5) == {"ok": True}
-    # Exactly at the limit is allowed (body + headers == max_payload).
-    await client.publish_raw("big.edge", b"x" * (limit - 31), headers)
+    # Exactly at the limit is allowed: body + "NATS/1.0\r\n" + "Nats-Msg-Id: too-big\r\n" + "\r\n".
+    with pytest.raises(PayloadTooLargeError, match=f"max_payload of {limit:,}"):
+        await client.publish_raw("big.edge", b"x" * (limit - 33), headers)
+    await client.publish_raw("big.edge", b"x" * (limit - 34), headers)
     await client.flush()
     assert client.nc is first and client.is_connected
 
@@ -144,9 +146,9 @@ async def test_js_publish_timeout_after_sending_says_outcome_unknown(
 ) -> None:
     before = await _stream_messages(client, "A2A_TASKS")
     assert nats_server.proc is not None
-    with frozen(nats_server.proc.pid):
-        with pytest.raises(PublishOutcomeUnknownError, match="same Nats-Msg-Id") as info:
-            await client.js_publish("agents.a.tasks.t", {"n": 2}, msg_id="unknown-1", timeout=0.5)
+    unknown = pytest.raises(PublishOutcomeUnknownError, match="same Nats-Msg-Id")
+    with frozen(nats_server.proc.pid), unknown as info:
+        await client.js_publish("agents.a.tasks.t", {"n": 2}, msg_id="unknown-1", timeout=0.5)
     assert info.value.sent is True
     assert isinstance(info.value, NatsUnavailableError) and isinstance(info.value, TimeoutError)
     assert info.value.msg_id == "unknown-1"
@@ -212,7 +214,7 @@ async def test_two_quick_reconnections_leave_each_handler_one_subscription(
 
         for i in range(5):
             await client.publish("dup.x", i)
-            await eventually(lambda: _try_js(client, "trades.DUPS", i), timeout=10, what=f"stored {i}")
+            await eventually(lambda i=i: _try_js(client, "trades.DUPS", i), timeout=10, what=f"stored {i}")
             await manager.publish_trade_event("DUP", {"i": i})
         await manager.flush()
         await eventually(lambda: len(plain) >= 5 and len(feed) >= 5, timeout=15, what="every message")
