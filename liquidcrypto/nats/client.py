@@ -32,21 +32,17 @@ import nats.errors
 from nats.aio.client import Client as NatsConnection
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, PubAck
-from nats.js.errors import NoStreamResponseError, TooManyStalledMsgsError
 
 from liquidcrypto import codec
 from liquidcrypto.config import Settings
 from liquidcrypto.errors import (
     LiquidNatsError,
     NatsUnavailableError,
-    PublishOutcomeUnknownError,
-    RequestTimeoutError,
     StreamConflictError,
 )
 from liquidcrypto.nats import headers as hdr
-from liquidcrypto.nats import hooks, streams, subjects
+from liquidcrypto.nats import hooks, publishing, streams, subjects
 from liquidcrypto.nats.connection import DEGRADED_LINE, Connection, ConnectionState
-from liquidcrypto.nats.limits import check_size
 from liquidcrypto.nats.options import connect_options, redact_url
 from liquidcrypto.nats.subscription import (
     DEFAULT_PENDING_BYTES,
@@ -396,38 +392,15 @@ class NatsClient:
 
     async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Publish bytes on an already validated subject (hot paths); see ``publish``."""
-        nc = self.nc
-        check_size(subject, payload, headers, nc.max_payload)
-        try:
-            await nc.publish(subject, payload, headers=headers)
-        except nats.errors.OutboundBufferLimitError as exc:
-            raise NatsUnavailableError(
-                f"NATS reconnect buffer full while publishing to {subject!r}; message not sent"
-            ) from exc
-        except nats.errors.ConnectionClosedError as exc:
-            raise NatsUnavailableError(f"NATS connection closed; message to {subject!r} not sent") from exc
+        await publishing.core_publish(self.nc, subject, payload, headers)
         # nats-py's publish never yields; a hot loop would starve subscribers here.
         self._publish_count += 1
         if self._publish_count % _YIELD_EVERY == 0:
             await asyncio.sleep(0)
 
     def _sendable(self, subject: str, payload: bytes, headers: dict[str, str] | None) -> NatsConnection:
-        """The connection, if a message that expects an answer can go out now.
-
-        Not while nats-py reconnects: it would keep the message in its reconnect buffer
-        and send it after the caller was told it failed (a JetStream "phantom write").
-
-        Raises:
-            NatsUnavailableError: not connected (``sent`` is ``False``).
-            PayloadTooLargeError: body + headers exceed the server's ``max_payload``.
-        """
-        nc = self._conn.nc
-        if nc is None or not nc.is_connected:
-            raise NatsUnavailableError(
-                f"NATS at {self.display_url} is not connected ({self.state}); message to {subject!r} not sent"
-            )
-        check_size(subject, payload, headers, nc.max_payload)
-        return nc
+        where = f"at {self.display_url} ({self.state})"
+        return publishing.sendable(self._conn.nc, subject, payload, headers, where)
 
     async def js_publish(
         self,
@@ -464,15 +437,7 @@ class NatsClient:
     ) -> PubAck:
         """``js_publish`` for bytes on an already validated subject (hot paths); same errors."""
         self._sendable(subject, payload, headers)
-        try:
-            return await self.js.publish(subject, payload, timeout=timeout, headers=headers)
-        except NoStreamResponseError as exc:
-            raise NatsUnavailableError(f"no JetStream stream stores {subject!r}; not stored") from exc
-        except (nats.errors.TimeoutError, TimeoutError) as exc:
-            msg_id = headers.get(hdr.MSG_ID) if headers else None
-            raise PublishOutcomeUnknownError(subject, msg_id, timeout) from exc
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            raise NatsUnavailableError(f"NATS unavailable; message to {subject!r} not sent") from exc
+        return await publishing.js_publish(self.js, subject, payload, headers, timeout)
 
     async def js_publish_async_raw(
         self, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, stall: float | None = None
@@ -489,14 +454,7 @@ class NatsClient:
                 (not sent).
         """
         self._sendable(subject, payload, headers)
-        try:
-            return await self.js.publish_async(subject, payload, wait_stall=stall, headers=headers)
-        except TooManyStalledMsgsError as exc:
-            raise NatsUnavailableError(
-                f"{subject!r}: no JetStream acknowledgement slot within {stall:g} s; not sent"
-            ) from exc
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            raise NatsUnavailableError(f"NATS unavailable; message to {subject!r} not sent") from exc
+        return await publishing.js_publish_async(self.js, subject, payload, headers, stall)
 
     async def subscribe(
         self,
@@ -632,13 +590,7 @@ class NatsClient:
         """
         subject = _checked_subject(subject)
         payload = codec.encode(data)
-        nc = self._sendable(subject, payload, None)
-        try:
-            msg = await nc.request(subject, payload, timeout=timeout)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError) as exc:
-            raise RequestTimeoutError(subject, timeout) from exc
-        except nats.errors.ConnectionClosedError as exc:
-            raise NatsUnavailableError(f"NATS connection closed; request to {subject!r} not sent") from exc
+        msg = await publishing.request(self._sendable(subject, payload, None), subject, payload, timeout)
         return codec.decode(msg.data)
 
     async def flush(self, timeout: float = 5.0) -> None:
