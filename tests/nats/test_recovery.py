@@ -74,6 +74,37 @@ async def test_health_is_false_while_a_closed_connection_is_replaced(
     assert client.state is ConnectionState.CLOSED
 
 
+async def test_callbacks_given_as_options_run_after_the_clients_own(nats_server: NatsServer) -> None:
+    events: list[str] = []
+
+    async def disconnected_cb() -> None:
+        events.append("disconnected")
+
+    async def reconnected_cb() -> None:
+        events.append("reconnected")
+
+    async def closed_cb() -> None:
+        events.append("closed")
+
+    c = NatsClient(
+        nats_server.url,
+        settings=Settings(),
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        closed_cb=closed_cb,
+    )
+    await c.connect(wait=15)
+    try:
+        await asyncio.to_thread(nats_server.restart)
+        await eventually(lambda: "reconnected" in events, timeout=15, what="the caller's reconnected_cb")
+        await c.wait_connected(15)
+        assert c.reconnects == 1 and events[:2] == ["disconnected", "reconnected"]
+    finally:
+        await c.close()
+    assert events[-1] == "closed"
+    assert c.fresh_connects == 0  # our own close() is the end
+
+
 # -- finding 2(b): body + headers checked against max_payload before sending -----------
 
 
@@ -129,6 +160,9 @@ async def test_js_publish_while_disconnected_is_not_sent_and_a_retry_stores_once
     assert not isinstance(info.value, PublishOutcomeUnknownError)
     with pytest.raises(NatsUnavailableError, match="not sent"):
         await client.js_publish_async_raw("agents.a.tasks.t", b"{}", {"Nats-Msg-Id": "retry-me-async"})
+    # A request is not buffered either: it would reach its responder after we gave up.
+    with pytest.raises(NatsUnavailableError, match="not sent"):
+        await client.request("svc.echo", {"n": 1}, timeout=1)
     nats_server.start()
     await client.wait_connected(15)
     await client.flush()
