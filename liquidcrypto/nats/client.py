@@ -358,7 +358,7 @@ class NatsClient:
             # A PING/PONG timed with perf_counter: uvloop's loop.time() (used by nc.rtt)
             # ticks in whole milliseconds.
             start = time.perf_counter()
-            await nc.flush(timeout=2)
+            await guarded_flush(nc, 2)
             rtt = time.perf_counter() - start
         except Exception:  # noqa: BLE001 - health reports, never raises
             return out
@@ -505,8 +505,13 @@ class NatsClient:
         )
         self._subscriptions.add(sub)
         if self.is_connected:
-            await sub._establish(self.nc)
-            await self.settle_subscriptions()
+            try:
+                await sub._establish(self.nc)
+                await self.settle_subscriptions()
+            except BaseException:
+                # Cancelled: the caller gets no Subscription to unsubscribe, so none may stay.
+                await asyncio.shield(sub.unsubscribe())
+                raise
         return sub
 
     async def subscribe_stream(
@@ -611,7 +616,18 @@ async def flush_barrier(nc: NatsConnection, timeout: float) -> None:
     hook of nats-py with a fallback) restores the order.
     """
     await hooks.flush_pending(nc, timeout)
-    await nc.flush(timeout=max(1, round(timeout)))
+    await guarded_flush(nc, max(1, round(timeout)))
+
+
+async def guarded_flush(nc: NatsConnection, timeout: int) -> None:
+    """``nc.flush(timeout)`` that leaves the connection working when it times out or is
+    cancelled: nats-py keeps the abandoned PONG future, and the late PONG then stops its
+    read loop (``hooks.forget_abandoned_pongs``)."""
+    try:
+        await nc.flush(timeout=timeout)
+    except BaseException:
+        hooks.forget_abandoned_pongs(nc)
+        raise
 
 
 def empty_health() -> dict[str, Any]:

@@ -292,3 +292,45 @@ async def _settle(client: NatsClient) -> None:
     for _ in range(2):
         await client.flush()
         await asyncio.sleep(0)
+
+
+async def test_a_cancelled_subscribe_leaves_no_subscription_behind(
+    client: NatsClient, nats_server: NatsServer, make_client: Callable[..., Awaitable[NatsClient]]
+) -> None:
+    # A subscribe cancelled while it waits for the server's confirmation (a re-establishment
+    # round replaced by a newer one, a caller's timeout) returned nothing to unsubscribe:
+    # its handler must not go on receiving.
+    publisher = await make_client()
+    got: list[Any] = []
+    tracked = len(client._subscriptions)
+    assert nats_server.proc is not None
+    with frozen(nats_server.proc.pid):
+        task = asyncio.ensure_future(client.subscribe("cancelled.x", got.append))
+        await eventually(lambda: len(client._subscriptions) > tracked, what="the subscription made")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len(client._subscriptions) == tracked
+    probe: list[Any] = []
+    await client.subscribe("cancelled.x", probe.append)
+    await publisher.publish("cancelled.x", 1)
+    await eventually(lambda: probe == [1], what="the probe")
+    await _settle(client)
+    assert got == []
+
+
+async def test_a_health_check_that_timed_out_leaves_the_connection_reading(
+    client: NatsClient, nats_server: NatsServer, make_client: Callable[..., Awaitable[NatsClient]]
+) -> None:
+    # nats-py keeps the future of a timed-out flush; the late PONG used to stop its read
+    # loop, and nothing arrived until missed pings forced a reconnect (~30 s).
+    publisher = await make_client()
+    got: asyncio.Queue[Any] = asyncio.Queue()
+    await client.subscribe("pong.x", got.put)
+    assert nats_server.proc is not None
+    with frozen(nats_server.proc.pid):
+        assert (await client.health())["connected"] is False  # its round trip timed out
+    await eventually(lambda: not client.nc._pongs, what="the late PONG read")
+    await publisher.publish("pong.x", 1)
+    assert await asyncio.wait_for(got.get(), 5) == 1
+    assert client.reconnects == 0 and client.is_connected
