@@ -4,10 +4,12 @@
 
     LiquidNatsError
     ├── BackendUnavailableError       the message transport cannot take a message now
-    │   ├── NatsUnavailableError      NATS is down or the publish buffer is full
+    │   ├── NatsUnavailableError      NATS is down or the publish buffer is full (``sent``)
+    │   │   └── PublishOutcomeUnknownError(TimeoutError)  sent, no answer: retry with the same id
     │   └── RedisUnavailableError     Redis (the WebSocket ``redis`` backend) is down
     ├── InvalidSubjectError(ValueError)   a token or pattern that cannot be a subject
     ├── InvalidPayloadError(ValueError)   data that cannot be encoded / decoded as JSON
+    ├── PayloadTooLargeError(ValueError)  body + headers over the server's max_payload
     ├── InvalidTaskError(ValueError)      a task or result of the wrong shape
     ├── RequestTimeoutError(TimeoutError) no reply within the timeout
     ├── IllegalTransitionError(ValueError) a task-state change the lifecycle forbids
@@ -31,7 +33,45 @@ class BackendUnavailableError(LiquidNatsError):
 
 
 class NatsUnavailableError(BackendUnavailableError):
-    """NATS cannot take the message now (disconnected, degraded, or buffer full)."""
+    """NATS cannot take the message now (disconnected, degraded, or buffer full).
+
+    Attributes:
+        sent: ``False`` (this class): the message never left this client, or the server
+            refused it (no stream), so nothing was or will be stored and a retry cannot
+            duplicate it. ``PublishOutcomeUnknownError`` has ``sent = True``.
+    """
+
+    sent: bool = False
+
+
+class PublishOutcomeUnknownError(NatsUnavailableError, TimeoutError):
+    """A JetStream publish was sent but no acknowledgement came in time.
+
+    The stream may have stored it, or may store it later (it can sit in the client's
+    reconnect buffer): retry with the same ``Nats-Msg-Id`` and the stream drops the
+    repeat within its de-duplication window.
+
+    Attributes:
+        subject: the subject published to.
+        msg_id: its ``Nats-Msg-Id`` (``None``: none was sent, a retry cannot be de-duplicated).
+        timeout: seconds waited for the acknowledgement.
+    """
+
+    sent = True
+
+    def __init__(self, subject: str, msg_id: str | None, timeout: float) -> None:
+        self.subject = subject
+        self.msg_id = msg_id
+        self.timeout = timeout
+        advice = (
+            f"retry with the same Nats-Msg-Id {msg_id!r}"
+            if msg_id is not None
+            else "it had no Nats-Msg-Id, so a retry may store it twice"
+        )
+        super().__init__(
+            f"JetStream publish to {subject!r} sent, but no acknowledgement within {timeout:g} s: "
+            f"outcome unknown, it may be stored; {advice}"
+        )
 
 
 class RedisUnavailableError(BackendUnavailableError):
@@ -54,6 +94,30 @@ class InvalidSubjectError(LiquidNatsError, ValueError):
 
 class InvalidPayloadError(LiquidNatsError, ValueError):
     """A value that cannot be encoded to, or decoded from, JSON."""
+
+
+class PayloadTooLargeError(LiquidNatsError, ValueError):
+    """A message whose body plus headers, as encoded on the wire, exceed the server's
+    ``max_payload``; refused before anything is sent (the server would close the connection).
+
+    Attributes:
+        subject: the subject it was for.
+        size: body + headers in bytes.
+        body: the body's size in bytes.
+        headers: the encoded headers' size in bytes (0 without headers).
+        limit: the server's ``max_payload``.
+    """
+
+    def __init__(self, subject: str, body: int, headers: int, limit: int) -> None:
+        self.subject = subject
+        self.body = body
+        self.headers = headers
+        self.size = body + headers
+        self.limit = limit
+        super().__init__(
+            f"message of {self.size:,} bytes (body {body:,} + headers {headers:,}) exceeds the server's "
+            f"max_payload of {limit:,} bytes on subject {subject!r}"
+        )
 
 
 class InvalidTaskError(LiquidNatsError, ValueError):

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,11 +310,36 @@ class NatsWebSocketManager:
                 del self._feeds[symbol]
 
     async def _reopen_feeds(self, client: NatsClient) -> None:
-        """After a (re)connection: resume open feeds where they stopped, open the others."""
+        """After a (re)connection: resume open feeds where they stopped, open the others.
+
+        The client runs this in its one re-establishment round (never twice at once; a
+        newer connection cancels it, and a cancelled resume leaves each feed either on its
+        old consumer or on a new one, which the next round replaces). Resuming holds the
+        lock of every feed, so a listener joining or leaving meanwhile cannot open or
+        close a feed under it and leave a second consumer feeding the same symbol.
+        """
         resume = getattr(self._backend, "resume_feeds", None)
         if resume is not None:
-            await resume()
+            async with self._all_feeds_locked():
+                await resume()
         await self._open_waiting_feeds()
+
+    @contextlib.asynccontextmanager
+    async def _all_feeds_locked(self) -> AsyncIterator[None]:
+        """Hold the lock of every feed there is once they are all held.
+
+        Nobody else holds two feed locks at once, so taking them one by one cannot deadlock.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            held: set[_Feed] = set()
+            while True:
+                missing = [feed for feed in self._feeds.values() if feed not in held]
+                if not missing:
+                    break
+                for feed in missing:
+                    await stack.enter_async_context(feed.lock)
+                    held.add(feed)
+            yield
 
     async def _open_waiting_feeds(self) -> None:
         """Open the feeds that clients wait for but that could not open (backend down)."""

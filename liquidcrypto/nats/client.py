@@ -1,11 +1,18 @@
 """The NATS client: connection with degraded mode, provisioning, health, JSON messaging.
 
-``NatsClient`` owns one nats-py connection. ``connect()`` never raises because NATS is
-down: the client logs ``[Server] NATS not available - running in degraded mode`` once,
-keeps trying in the background with jittered back-off, and becomes ``connected`` by
-itself. Once connected, nats-py reconnects for ever (``max_reconnect_attempts=-1``) and
-every (re)connection ensures the JetStream resources (the spec's streams, and what
-components asked for with ``require``) and runs the ``on_connect`` callbacks.
+``NatsClient`` owns one ``Connection`` (``connection.py``: connecting, degraded mode,
+reconnect supervision). ``connect()`` never raises because NATS is down: the client logs
+``[Server] NATS not available - running in degraded mode`` once, keeps trying in the
+background with jittered back-off, and becomes ``connected`` by itself. Once connected,
+nats-py reconnects for ever (``max_reconnect_attempts=-1``); a connection closed under us
+(the server closed it, or nats-py gave up) is replaced by a fresh one. Every
+(re)connection ensures the JetStream resources (the spec's streams, and what components
+asked for with ``require``), re-subscribes what is tracked and runs the ``on_connect``
+callbacks — one such round at a time.
+
+Every publish checks body + headers against the server's ``max_payload`` first; a
+JetStream publish or a request is never handed to nats-py while it is not connected (its
+reconnect buffer would send it later, after the caller was told it failed).
 
 The module-level functions (``init_nats``, ``publish``...) act on one default client,
 as in the spec.
@@ -18,7 +25,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
@@ -26,20 +32,18 @@ import nats.errors
 from nats.aio.client import Client as NatsConnection
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, PubAck
-from nats.js.errors import NoStreamResponseError, TooManyStalledMsgsError
-from prometheus_client import Counter, Gauge
 
 from liquidcrypto import codec
 from liquidcrypto.config import Settings
 from liquidcrypto.errors import (
     LiquidNatsError,
     NatsUnavailableError,
-    RequestTimeoutError,
     StreamConflictError,
 )
 from liquidcrypto.nats import headers as hdr
-from liquidcrypto.nats import hooks, streams, subjects
-from liquidcrypto.nats.options import connect_options, describe, jittered_delay, redact_url
+from liquidcrypto.nats import hooks, publishing, streams, subjects
+from liquidcrypto.nats.connection import DEGRADED_LINE, Connection, ConnectionState
+from liquidcrypto.nats.options import connect_options, redact_url
 from liquidcrypto.nats.subscription import (
     DEFAULT_PENDING_BYTES,
     DEFAULT_PENDING_MSGS,
@@ -50,7 +54,6 @@ from liquidcrypto.nats.subscription import (
     json_callback,
     stream_callback,
 )
-from liquidcrypto.nats.tasks import TaskSet
 
 __all__ = [
     "DEGRADED_LINE",
@@ -70,30 +73,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONNECTED = Gauge("liquidcrypto_nats_connected", "1 while the (last) NATS client is connected and provisioned")
-RECONNECTS = Counter("liquidcrypto_nats_reconnects", "NATS reconnections")
-DISCONNECTS = Counter("liquidcrypto_nats_disconnects", "NATS connections lost or never made (degraded mode)")
-SLOW_CONSUMERS = Counter(
-    "liquidcrypto_nats_slow_consumer_events", "Messages dropped by a subscription over its pending limits"
-)
-
-DEGRADED_LINE = "[Server] NATS not available - running in degraded mode"
-
 ConnectCallback = Callable[["NatsClient"], Awaitable[None]]
 
 _YIELD_EVERY = 256
-PROVISION_TIMEOUT = 15.0
 SUBSCRIBE_FLUSH_TIMEOUT = 5.0  # seconds a subscribe waits for the server to confirm it
-
-
-class ConnectionState(StrEnum):
-    """Where a client stands."""
-
-    NEW = "new"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    DEGRADED = "degraded"
-    CLOSED = "closed"
 
 
 @lru_cache(maxsize=8192)
@@ -126,7 +109,8 @@ class NatsClient:
             settings: settings to use (default ``Settings.from_env()``).
             provision: ensure the spec's three streams on every (re)connection
                 (resources components ``require`` are ensured either way).
-            **options: passed to ``nats.connect`` over our defaults.
+            **options: passed to ``nats.connect`` over our defaults (callbacks given
+                here run after the client's own).
         """
         self.settings = settings or Settings.from_env()
         if url is not None:
@@ -134,20 +118,12 @@ class NatsClient:
         self.servers = self.settings.nats_servers()
         self._provision = provision
         self._options = options
-        self.state = ConnectionState.NEW
-        self._nc: NatsConnection | None = None
-        self._js: JetStreamContext | None = None
-        self._connected = asyncio.Event()
-        self._first_failure = asyncio.Event()
-        self._pending_nc: NatsConnection | None = None
-        self._background = TaskSet()
+        self._conn = Connection(self.connect_options, self._after_connect, self.display_url)
+        self._subs_nc: NatsConnection | None = None  # the connection tracked subscriptions live on
         self._subscriptions: set[Subscription] = set()
         self._on_connect: list[ConnectCallback] = []
         self._on_close: list[Callable[[], Awaitable[None]]] = []
         self._publish_count = 0
-        self.slow_consumer_events = 0
-        self.reconnects = 0
-        self.last_error: str | None = None
         self._required: dict[str, streams.Resources] = {}
         self._conflicts: dict[str, list[StreamConflictError]] = {}
 
@@ -175,42 +151,11 @@ class NatsClient:
         """
         if self.state is ConnectionState.CLOSED:
             raise LiquidNatsError("client is closed")
-        if self.state is not ConnectionState.NEW:
-            return self
-        self.state = ConnectionState.CONNECTING
-        # nats-py retries the initial connect for ever when max_reconnect_attempts=-1;
-        # run it as an owned task and stop waiting at the first failure.
-        self._background.spawn(self._initial_connect(), "nats-connect")
-        first = asyncio.ensure_future(self._first_failure.wait())
-        connected = asyncio.ensure_future(self._connected.wait())
-        timeout = float(self.connect_options()["connect_timeout"]) + 1
-        await asyncio.wait({first, connected}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        first.cancel()
-        if self._nc is not None and not self._connected.is_set():
-            # Connected, still provisioning (a cluster electing its stream leaders).
-            await asyncio.wait({connected}, timeout=PROVISION_TIMEOUT)
-        connected.cancel()
-        if not self._connected.is_set():
-            self._enter_degraded()
+        if self.state is ConnectionState.NEW:
+            await self._conn.start()
         if wait is not None:
             await self.wait_connected(wait)
         return self
-
-    async def _initial_connect(self) -> None:
-        nc = NatsConnection()
-        self._pending_nc = nc
-        try:
-            await nc.connect(**self.connect_options())
-        finally:
-            self._pending_nc = None
-        if self.state is ConnectionState.CLOSED:
-            await nc.close()
-            return
-        self._nc = nc
-        self._js = nc.jetstream(timeout=5)
-        if self.state is ConnectionState.DEGRADED:
-            log.info("NATS reachable at %s; leaving degraded mode", self.display_url)
-        await self._reprovision()
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait until connected and provisioned.
@@ -219,7 +164,7 @@ class NatsClient:
             NatsUnavailableError: not connected within ``timeout`` seconds.
         """
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            await asyncio.wait_for(self._conn.ready.wait(), timeout)
         except TimeoutError:
             raise NatsUnavailableError(
                 f"NATS at {self.display_url} not connected within {timeout:g} s"
@@ -238,31 +183,17 @@ class NatsClient:
             except Exception:
                 log.exception("on_close callback %r failed", close_cb)
         self._on_close.clear()
-        self.state = ConnectionState.CLOSED
-        self._connected.clear()
-        CONNECTED.set(0)
-        pending = self._pending_nc
-        await self._background.cancel()
-        if pending is not None and not pending.is_closed:
-            await pending.close()
-        nc, self._nc, self._js = self._nc, None, None
-        if nc is not None and not nc.is_closed:
-            try:
-                await asyncio.wait_for(nc.drain(), timeout=5)
-            except Exception as exc:  # noqa: BLE001 - closing must not raise
-                log.debug("drain failed (%s); closing", exc)
-            if not nc.is_closed:
-                try:
-                    await nc.close()
-                except Exception as exc:  # noqa: BLE001 - e.g. ConnectionResetError with a dead server
-                    log.debug("close failed (%s)", exc)
+        await self._conn.close()
         self._subscriptions.clear()
 
     def on_connect(self, callback: ConnectCallback) -> None:
         """Run ``callback(client)`` after every (re)connection and provisioning.
 
         If the client is connected now, the callback also runs at the next reconnect only;
-        callers that need it now call it themselves.
+        callers that need it now call it themselves. The callbacks of one connection run
+        one after the other in one task; a newer connection (or losing this one) cancels
+        that task, and the next round starts once it has ended: a callback is never run
+        twice at once, and must leave things consistent when cancelled.
         """
         self._on_connect.append(callback)
 
@@ -277,12 +208,37 @@ class NatsClient:
     # -- state -----------------------------------------------------------------
 
     @property
+    def state(self) -> ConnectionState:
+        """``new``, ``connecting``, ``connected``, ``degraded`` or ``closed``."""
+        return self._conn.state
+
+    @property
+    def reconnects(self) -> int:
+        """Reconnections nats-py made (a fresh connection after a close counts in ``fresh_connects``)."""
+        return self._conn.reconnects
+
+    @property
+    def fresh_connects(self) -> int:
+        """Connections closed under the client (not by ``close()``) and replaced by a new one."""
+        return self._conn.fresh_connects
+
+    @property
+    def slow_consumer_events(self) -> int:
+        """Times a subscription dropped messages over its pending limits."""
+        return self._conn.slow_consumer_events
+
+    @property
+    def last_error(self) -> str | None:
+        """The last connection error, described (no credentials)."""
+        return self._conn.last_error
+
+    @property
     def display_url(self) -> str:
         return ",".join(redact_url(u) for u in self.servers)
 
     @property
     def is_connected(self) -> bool:
-        return self._nc is not None and self._nc.is_connected and self.state is ConnectionState.CONNECTED
+        return self._conn.is_connected
 
     @property
     def nc(self) -> NatsConnection:
@@ -291,23 +247,26 @@ class NatsClient:
         Raises:
             NatsUnavailableError: there is none (degraded or closed).
         """
-        if self._nc is None or self._nc.is_closed:
+        nc = self._conn.nc
+        if nc is None or nc.is_closed:
             raise NatsUnavailableError(f"NATS at {self.display_url} is not available ({self.state})")
-        return self._nc
+        return nc
 
     @property
     def js(self) -> JetStreamContext:
         """The JetStream context of the connection (see ``nc``)."""
-        if self._js is None:
+        js = self._conn.js
+        if js is None:
             raise NatsUnavailableError(f"NATS at {self.display_url} is not available ({self.state})")
-        return self._js
+        return js
 
     @property
     def server_id(self) -> str | None:
         """The id of the server this client is connected to (``None`` when not connected)."""
-        if self._nc is None or not self._nc.is_connected:
+        nc = self._conn.nc
+        if nc is None or not nc.is_connected:
             return None
-        return hooks.server_id(self._nc)
+        return hooks.server_id(nc)
 
     @property
     def stream_conflicts(self) -> list[StreamConflictError]:
@@ -317,36 +276,30 @@ class NatsClient:
     # -- connecting ------------------------------------------------------------
 
     def connect_options(self) -> dict[str, Any]:
-        """The nats-py options of this client: settings, our callbacks, then caller overrides."""
+        """The nats-py options of this client: settings, then caller overrides (the
+        connection adds its callbacks to these)."""
         opts = connect_options(self.settings)
-        opts.update(
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-            closed_cb=self._on_closed,
-        )
         opts.update(self._options)
         return opts
 
-    def _enter_degraded(self) -> None:
-        # Only from CONNECTING: a connection that became CONNECTED meanwhile stays so.
-        if self.state is ConnectionState.CONNECTING:
-            self.state = ConnectionState.DEGRADED
-            DISCONNECTS.inc()
-            log.warning(DEGRADED_LINE)
-            log.warning("NATS at %s: %s; retrying in the background", self.display_url, self.last_error or "no answer")
-
-    async def _after_connect(self) -> None:
-        """Provision, re-establish pending subscriptions, run callbacks; then mark connected."""
-        nc = self.nc
+    async def _after_connect(self, nc: NatsConnection) -> None:
+        """One re-establishment round: provision, re-subscribe, run callbacks; mark connected."""
+        if nc is not self._subs_nc:
+            # A fresh connection (the previous one was closed): nats-py restores
+            # subscriptions only on a reconnect of the same connection, so ours are made
+            # anew on this one. The old connection is closed; nothing arrives through it.
+            for sub in self._subscriptions:
+                sub._sub = None
+            self._subs_nc = nc
         await self.provision()
         # CONNECTED first: a subscribe() racing with this loop then establishes its own
         # subscription (establishing is idempotent), so none is missed or made twice.
-        self.state = ConnectionState.CONNECTED
+        self._conn.set_connected()
         for sub in list(self._subscriptions):
-            await sub._establish(nc)
-        self._connected.set()
-        CONNECTED.set(1)
+            # Shielded: a cancelled round never leaves a server-side subscription that
+            # its Subscription does not know of.
+            await asyncio.shield(sub._establish(nc))
+        self._conn.set_ready()
         log.info("NATS connected to server %s (%s)", self.server_id, self.display_url)
         for cb in list(self._on_connect):
             try:
@@ -388,53 +341,6 @@ class NatsClient:
         self._conflicts[resources.name] = conflicts
         return conflicts
 
-    async def _on_error(self, exc: Exception) -> None:
-        if isinstance(exc, nats.errors.SlowConsumerError):
-            self.slow_consumer_events += 1
-            SLOW_CONSUMERS.inc()
-            log.warning("slow consumer on %s (sid %s): messages dropped", exc.subject, exc.sid)
-            return
-        self.last_error = describe(exc)
-        if self.state is ConnectionState.CONNECTING:
-            self._first_failure.set()
-        log.debug("NATS error: %s", self.last_error)
-
-    async def _on_disconnected(self) -> None:
-        if self.state is ConnectionState.CONNECTED:
-            self.state = ConnectionState.DEGRADED
-            self._connected.clear()
-            CONNECTED.set(0)
-            DISCONNECTS.inc()
-            log.warning("NATS disconnected from %s; reconnecting", self.display_url)
-
-    async def _on_reconnected(self) -> None:
-        self.reconnects += 1
-        RECONNECTS.inc()
-        log.info("NATS reconnected to %s", self.server_id)
-        # Provision in an owned task: nats-py awaits this callback in its read path.
-        self._background.spawn(self._reprovision(), "nats-reprovision")
-
-    async def _reprovision(self) -> None:
-        attempt = 0
-        while self.state is not ConnectionState.CLOSED:
-            try:
-                await self._after_connect()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - retry; JetStream may not be ready yet
-                attempt += 1
-                self.last_error = describe(exc)
-                log.warning("provisioning after reconnect failed (%s); retrying", self.last_error)
-                await asyncio.sleep(jittered_delay(attempt))
-
-    async def _on_closed(self) -> None:
-        if self.state is not ConnectionState.CLOSED:
-            log.warning("NATS connection closed unexpectedly")
-            self.state = ConnectionState.DEGRADED
-            self._connected.clear()
-            CONNECTED.set(0)
-
     # -- health ----------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
@@ -452,7 +358,7 @@ class NatsClient:
             # A PING/PONG timed with perf_counter: uvloop's loop.time() (used by nc.rtt)
             # ticks in whole milliseconds.
             start = time.perf_counter()
-            await nc.flush(timeout=2)
+            await guarded_flush(nc, 2)
             rtt = time.perf_counter() - start
         except Exception:  # noqa: BLE001 - health reports, never raises
             return out
@@ -472,30 +378,29 @@ class NatsClient:
     async def publish(self, subject: str, data: Any, headers: dict[str, str] | None = None) -> None:
         """Publish ``data`` as JSON on core NATS.
 
-        While reconnecting, messages wait in nats-py's reconnect buffer.
+        While reconnecting, messages wait in nats-py's reconnect buffer (core NATS is
+        at most once: they are sent on reconnection, or raise when the buffer is full).
 
         Raises:
             InvalidSubjectError: the subject is invalid.
             InvalidPayloadError: ``data`` is not JSON-able.
-            NatsUnavailableError: NATS is absent or the reconnect buffer is full.
+            PayloadTooLargeError: body + headers exceed the server's ``max_payload``.
+            NatsUnavailableError: NATS is absent or the reconnect buffer is full (not sent).
         """
         payload = codec.encode(data)
         await self.publish_raw(_checked_subject(subject), payload, headers)
 
     async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
-        """Publish bytes on an already validated subject (hot paths)."""
-        try:
-            await self.nc.publish(subject, payload, headers=headers)
-        except nats.errors.OutboundBufferLimitError as exc:
-            raise NatsUnavailableError(
-                f"NATS reconnect buffer full while publishing to {subject!r}; message not sent"
-            ) from exc
-        except nats.errors.ConnectionClosedError as exc:
-            raise NatsUnavailableError(f"NATS connection closed; message to {subject!r} not sent") from exc
+        """Publish bytes on an already validated subject (hot paths); see ``publish``."""
+        await publishing.core_publish(self.nc, subject, payload, headers)
         # nats-py's publish never yields; a hot loop would starve subscribers here.
         self._publish_count += 1
         if self._publish_count % _YIELD_EVERY == 0:
             await asyncio.sleep(0)
+
+    def _sendable(self, subject: str, payload: bytes, headers: dict[str, str] | None) -> NatsConnection:
+        where = f"at {self.display_url} ({self.state})"
+        return publishing.sendable(self._conn.nc, subject, payload, headers, where)
 
     async def js_publish(
         self,
@@ -510,12 +415,17 @@ class NatsClient:
 
         Args:
             msg_id: sent as ``Nats-Msg-Id`` so the stream drops a repeat in its window.
+                Always give one when a failed publish may be retried.
 
         Returns:
             the ``PubAck`` (``.seq``, ``.duplicate``, ``.stream``).
 
         Raises:
-            NatsUnavailableError: it could not be stored (no connection, no stream, timeout).
+            PayloadTooLargeError: body + headers exceed the server's ``max_payload``.
+            PublishOutcomeUnknownError: sent, but no acknowledgement within ``timeout``:
+                it may be stored (now or later); retry with the same ``msg_id``.
+            NatsUnavailableError: not stored and never will be (``sent`` is ``False``):
+                not connected, reconnecting, or no stream captures the subject.
         """
         hdrs = dict(headers) if headers else {}
         if msg_id is not None:
@@ -525,19 +435,9 @@ class NatsClient:
     async def js_publish_raw(
         self, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, timeout: float = 5.0
     ) -> PubAck:
-        """``js_publish`` for bytes on an already validated subject (hot paths).
-
-        Raises:
-            NatsUnavailableError: it could not be stored (no connection, no stream, timeout).
-        """
-        try:
-            return await self.js.publish(subject, payload, timeout=timeout, headers=headers)
-        except NoStreamResponseError as exc:
-            raise NatsUnavailableError(f"no JetStream stream stored {subject!r}") from exc
-        except (nats.errors.TimeoutError, TimeoutError) as exc:
-            raise NatsUnavailableError(f"JetStream did not acknowledge {subject!r} within {timeout:g} s") from exc
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
+        """``js_publish`` for bytes on an already validated subject (hot paths); same errors."""
+        self._sendable(subject, payload, headers)
+        return await publishing.js_publish(self.js, subject, payload, headers, timeout)
 
     async def js_publish_async_raw(
         self, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, stall: float | None = None
@@ -545,17 +445,16 @@ class NatsClient:
         """Start a JetStream publish on a validated subject; the future resolves on its ack.
 
         nats-py bounds the pending acknowledgements; a full window waits up to ``stall``
-        seconds for a slot.
+        seconds for a slot. Like ``js_publish``, nothing is handed to nats-py while it is
+        not connected.
 
         Raises:
-            NatsUnavailableError: NATS is unavailable, or no slot freed up within ``stall``.
+            PayloadTooLargeError: body + headers exceed the server's ``max_payload``.
+            NatsUnavailableError: not connected, or no slot freed up within ``stall``
+                (not sent).
         """
-        try:
-            return await self.js.publish_async(subject, payload, wait_stall=stall, headers=headers)
-        except TooManyStalledMsgsError as exc:
-            raise NatsUnavailableError(f"{subject!r}: no JetStream acknowledgement slot within {stall:g} s") from exc
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            raise NatsUnavailableError(f"NATS unavailable; {subject!r} not stored") from exc
+        self._sendable(subject, payload, headers)
+        return await publishing.js_publish_async(self.js, subject, payload, headers, stall)
 
     async def subscribe(
         self,
@@ -606,8 +505,13 @@ class NatsClient:
         )
         self._subscriptions.add(sub)
         if self.is_connected:
-            await sub._establish(self.nc)
-            await self.settle_subscriptions()
+            try:
+                await sub._establish(self.nc)
+                await self.settle_subscriptions()
+            except BaseException:
+                # Cancelled: the caller gets no Subscription to unsubscribe, so none may stay.
+                await asyncio.shield(sub.unsubscribe())
+                raise
         return sub
 
     async def subscribe_stream(
@@ -661,6 +565,11 @@ class NatsClient:
         except (nats.errors.Error, TimeoutError, NatsUnavailableError) as exc:
             await sub.unsubscribe()
             raise NatsUnavailableError(f"no consumer on {stream} for {subject!r}: {exc!r}") from exc
+        except BaseException:
+            # Cancelled (say, a re-establishment round replaced by a newer one): a consumer
+            # the server may have made must not keep pushing to a subscription nobody owns.
+            await asyncio.shield(sub.unsubscribe())
+            raise
         return StreamSubscription(self, sub, stream, info)
 
     async def settle_subscriptions(self, timeout: float = SUBSCRIBE_FLUSH_TIMEOUT) -> None:
@@ -676,18 +585,17 @@ class NatsClient:
     async def request(self, subject: str, data: Any, timeout: float = 2.0) -> Any:
         """Send ``data`` and return the decoded JSON reply.
 
+        A request is not buffered while nats-py reconnects (it would reach the responder
+        after the caller gave up): it fails at once with ``NatsUnavailableError``.
+
         Raises:
             RequestTimeoutError: no reply within ``timeout`` seconds, or no responder.
-            NatsUnavailableError: NATS is not available.
+            PayloadTooLargeError: the request exceeds the server's ``max_payload``.
+            NatsUnavailableError: NATS is not connected (not sent).
         """
         subject = _checked_subject(subject)
         payload = codec.encode(data)
-        try:
-            msg = await self.nc.request(subject, payload, timeout=timeout)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError) as exc:
-            raise RequestTimeoutError(subject, timeout) from exc
-        except nats.errors.ConnectionClosedError as exc:
-            raise NatsUnavailableError(f"NATS connection closed; request to {subject!r} not sent") from exc
+        msg = await publishing.request(self._sendable(subject, payload, None), subject, payload, timeout)
         return codec.decode(msg.data)
 
     async def flush(self, timeout: float = 5.0) -> None:
@@ -708,7 +616,18 @@ async def flush_barrier(nc: NatsConnection, timeout: float) -> None:
     hook of nats-py with a fallback) restores the order.
     """
     await hooks.flush_pending(nc, timeout)
-    await nc.flush(timeout=max(1, round(timeout)))
+    await guarded_flush(nc, max(1, round(timeout)))
+
+
+async def guarded_flush(nc: NatsConnection, timeout: int) -> None:
+    """``nc.flush(timeout)`` that leaves the connection working when it times out or is
+    cancelled: nats-py keeps the abandoned PONG future, and the late PONG then stops its
+    read loop (``hooks.forget_abandoned_pongs``)."""
+    try:
+        await nc.flush(timeout=timeout)
+    except BaseException:
+        hooks.forget_abandoned_pongs(nc)
+        raise
 
 
 def empty_health() -> dict[str, Any]:

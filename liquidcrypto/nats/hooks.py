@@ -1,6 +1,6 @@
 """The only place that touches nats-py internals.
 
-nats-py (2.9 to 2.16) has no public way to do two things this project needs:
+nats-py (2.9 to 2.16) has no public way to do three things this project needs:
 
 - ``server_id``: the id of the server the connection is on, for the health report
   (``connected_server_version``, ``client_id`` and ``connected_url`` are public; the
@@ -9,8 +9,16 @@ nats-py (2.9 to 2.16) has no public way to do two things this project needs:
   so far (``_flush_pending``), which makes ``flush()`` a real barrier (see
   ``liquidcrypto.nats.client.flush_barrier``).
 
+- ``forget_abandoned_pongs``: nats-py (2.16) leaves the future of a ``flush()`` that timed
+  out or was cancelled in its PONG queue (``_pongs``); when the PONG comes, setting that
+  future's result raises ``InvalidStateError`` in the read loop, which then **stops
+  reading** — no message arrives until missed pings (~30 s) force a reconnect. Each
+  abandoned future is replaced by a fresh placeholder (the queue stays in step with the
+  PINGs sent).
+
 Each access falls back to doing without when a nats-py release drops the attribute:
-the health report then shows no server id, and the barrier is plain ``flush()``.
+the health report then shows no server id, the barrier is plain ``flush()``, and
+abandoned PONG futures are left as they are.
 ``tests/nats/test_hooks.py`` exercises both paths.
 """
 
@@ -49,3 +57,20 @@ async def flush_pending(nc: object, timeout: float) -> bool:
         return False
     await asyncio.wait_for(flush(force_flush=True), timeout)
     return True
+
+
+def forget_abandoned_pongs(nc: object) -> int:
+    """Replace the cancelled futures in nats-py's PONG queue of ``nc`` by fresh ones.
+
+    Returns:
+        how many were replaced (0 also when this nats-py has no such queue).
+    """
+    pongs = getattr(nc, "_pongs", None)
+    if not isinstance(pongs, list):
+        return 0
+    replaced = 0
+    for i, future in enumerate(pongs):
+        if isinstance(future, asyncio.Future) and future.cancelled():
+            pongs[i] = asyncio.get_running_loop().create_future()
+            replaced += 1
+    return replaced

@@ -80,3 +80,31 @@ async def test_flush_pending_has_a_deadline() -> None:
 
     with pytest.raises(TimeoutError):
         await hooks.flush_pending(Stuck(), 0.05)
+
+
+async def test_forget_abandoned_pongs_keeps_the_queue_in_step() -> None:
+    class WithPongs:
+        def __init__(self) -> None:
+            loop = asyncio.get_running_loop()
+            self._pongs: list[asyncio.Future[bool]] = [loop.create_future() for _ in range(3)]
+
+    conn = WithPongs()
+    live = conn._pongs[2]
+    conn._pongs[0].cancel()
+    conn._pongs[1].cancel()
+    assert hooks.forget_abandoned_pongs(conn) == 2
+    assert len(conn._pongs) == 3  # one future per PING sent, in order
+    assert not any(f.cancelled() for f in conn._pongs) and conn._pongs[2] is live
+    for f in conn._pongs:
+        f.set_result(True)  # what nats-py does per PONG: no InvalidStateError now
+
+
+def test_forget_abandoned_pongs_falls_back_to_nothing_without_the_attribute() -> None:
+    class Bare:
+        pass
+
+    class Odd:
+        _pongs = "not a list"
+
+    assert hooks.forget_abandoned_pongs(Bare()) == 0
+    assert hooks.forget_abandoned_pongs(Odd()) == 0
