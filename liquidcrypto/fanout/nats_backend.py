@@ -216,8 +216,8 @@ class NatsBackend:
             if not self.client.is_connected:
                 break
             try:
-                ack = await self.client.js.publish(
-                    item.subject, item.payload, timeout=self.ack_timeout, headers={hdr.MSG_ID: item.msg_id}
+                ack = await self.client.js_publish_raw(
+                    item.subject, item.payload, {hdr.MSG_ID: item.msg_id}, timeout=self.ack_timeout
                 )
                 log.info("trade on %s stored at seq %s after retry %d (%s)", item.subject, ack.seq, attempt, first)
                 self.acked += 1
@@ -253,12 +253,11 @@ class NatsBackend:
         """Store ``payload`` on ``ws.broadcast``; every instance's subscription gets it.
 
         Raises:
-            NatsUnavailableError: it was not stored.
+            PayloadTooLargeError: it is over the server's ``max_payload``.
+            NatsUnavailableError: it was not stored (``sent`` says whether it may still be:
+                nothing is handed to nats-py while disconnected, so an outage means not sent).
         """
-        try:
-            await self.client.js.publish(subjects.WS_BROADCAST, payload, timeout=self.ack_timeout)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise NatsUnavailableError(f"broadcast not stored: {exc!r}") from exc
+        await self.client.js_publish_raw(subjects.WS_BROADCAST, payload, timeout=self.ack_timeout)
 
     # -- hop 2: one ordered consumer per symbol ----------------------------------
 

@@ -313,3 +313,20 @@ async def test_feed_recreates_itself_after_slow_consumer_drops_without_loss(
     assert client is not None and client.slow_consumer_events > 0  # drops did happen...
     assert [e.data["i"] for e in got] == list(range(300))  # ...and nothing was lost or repeated
     await unsub()
+
+
+async def test_a_broadcast_during_an_outage_is_not_stored_behind_the_callers_back(
+    nats_server: NatsServer, client: NatsClient
+) -> None:
+    """Issue 10, finding 3 for the fan-out: a failed broadcast is not buffered and stored later."""
+    backend = NatsBackend(client, ack_timeout=0.5)
+    before = (await client.js.stream_info(TRADE_EVENTS)).state.messages
+    nats_server.stop()
+    await eventually(lambda: not client.is_connected, what="disconnect noticed")
+    with pytest.raises(NatsUnavailableError) as info:
+        await backend.broadcast(b'{"notice": "lost"}')
+    assert info.value.sent is False
+    nats_server.start()
+    await client.wait_connected(15)
+    await client.flush()
+    assert (await client.js.stream_info(TRADE_EVENTS)).state.messages == before
