@@ -84,6 +84,7 @@ class NatsBackend:
         self._inflight: dict[str, _InFlight] = {}  # by message id, oldest first
         self._retrying = 0
         self._has_inflight = asyncio.Event()
+        self._refeeding = asyncio.Lock()  # one feed re-creation (gap or reconnection) at a time
         self._drained = asyncio.Event()
         self._drained.set()
         self._feeds: dict[str, StreamSubscription] = {}
@@ -373,15 +374,16 @@ class NatsBackend:
                     await self._recreate_feed(symbol, self._feed_gen.get(symbol, 0))
 
     async def _recreate_feed(self, symbol: str, generation: int) -> None:
-        old = self._feeds.get(symbol)
-        if old is None or self._feed_gen.get(symbol) != generation:
-            return  # closed or already recreated
-        await old.unsubscribe()
-        try:
-            await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
-        except NatsUnavailableError as exc:
-            # Reconnection will resume it (resume_feeds).
-            log.warning("recreating the feed of %s failed: %s", symbol, exc)
+        async with self._refeeding:  # a reconnection's resume_feeds may be recreating it too
+            old = self._feeds.get(symbol)
+            if old is None or self._feed_gen.get(symbol) != generation:
+                return  # closed or already recreated
+            await old.unsubscribe()
+            try:
+                await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
+            except NatsUnavailableError as exc:
+                # Reconnection will resume it (resume_feeds).
+                log.warning("recreating the feed of %s failed: %s", symbol, exc)
 
     async def resume_feeds(self) -> None:
         """After a reconnection: recreate every feed right after the last trade it delivered.
@@ -389,12 +391,13 @@ class NatsBackend:
         nats-py's ordered consumer would notice a lost consumer only after two missed
         heartbeats; this makes recovery immediate and gap-free.
         """
-        for symbol, sub in list(self._feeds.items()):
-            await sub.unsubscribe()
-            try:
-                await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
-            except NatsUnavailableError as exc:
-                log.warning("resuming the feed of %s failed: %s", symbol, exc)
+        async with self._refeeding:
+            for symbol, sub in list(self._feeds.items()):
+                await sub.unsubscribe()
+                try:
+                    await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
+                except NatsUnavailableError as exc:
+                    log.warning("resuming the feed of %s failed: %s", symbol, exc)
 
     async def close_feed(self, symbol: str) -> None:
         sub = self._feeds.pop(symbol, None)

@@ -330,3 +330,26 @@ async def test_a_broadcast_during_an_outage_is_not_stored_behind_the_callers_bac
     await client.wait_connected(15)
     await client.flush()
     assert (await client.js.stream_info(TRADE_EVENTS)).state.messages == before
+
+
+async def test_a_gap_recreation_racing_a_reconnection_leaves_one_feed(client: NatsClient) -> None:
+    """A feed re-created for a gap while a reconnection resumes every feed ends with one consumer."""
+    backend = NatsBackend(client)
+    got: list[int] = []
+
+    async def on_broadcast(payload: bytes) -> None:
+        return None
+
+    await backend.start(lambda symbol, seq, raw: got.append(seq), on_broadcast)
+    try:
+        await backend.open_feed("RACE")
+        generation = backend._feed_gen["RACE"]
+        await asyncio.gather(backend.resume_feeds(), backend._recreate_feed("RACE", generation))
+        consumers = await client.js.consumers_info(TRADE_EVENTS)
+        assert [c.config.filter_subject for c in consumers].count("trades.RACE") == 1
+        await client.js_publish("trades.RACE", {"p": 1})
+        await eventually(lambda: len(got) == 1, what="the trade delivered")
+        await client.flush()
+        assert len(got) == 1
+    finally:
+        await backend.stop()
