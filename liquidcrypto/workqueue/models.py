@@ -59,6 +59,11 @@ class OrchestratorTask(_SubPrd, frozen=True, kw_only=True):
         return f"{subjects.ORCHESTRATOR_TASKS}.{self.session_id}.{self.sub_prd_id}"
 
     @property
+    def result_subject(self) -> str:
+        """``orchestrator.results.{session_id}.{sub_prd_id}``: where its result is stored."""
+        return f"{subjects.ORCHESTRATOR_RESULTS}.{self.session_id}.{self.sub_prd_id}"
+
+    @property
     def dedupe_id(self) -> str:
         """The ``Nats-Msg-Id`` of a first enqueue: ``{session_id}.{sub_prd_id}``."""
         return f"{self.session_id}.{self.sub_prd_id}"

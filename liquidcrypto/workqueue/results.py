@@ -53,6 +53,7 @@ SUBSCRIPTION_ACK_WAIT = 30.0
 HANDLER_ATTEMPTS = 3
 REMOVE_TIMEOUT = 5.0
 PUBLISH_ATTEMPTS = 3
+STORED_SCAN_LIMIT = 16  # results on one sub-PRD's subject looked at, at most
 
 
 async def publish_result(client: NatsClient, result: TaskResult, task_id: str) -> bool:
@@ -71,6 +72,36 @@ async def publish_result(client: NatsClient, result: TaskResult, task_id: str) -
         except NatsUnavailableError as exc:
             log.warning("result of %s not stored (%s); attempt %d/%d", task_id, exc, attempt + 1, PUBLISH_ATTEMPTS)
             await asyncio.sleep(0.2 * 2**attempt)
+    return False
+
+
+async def result_stored(client: NatsClient, subject: str, task_id: str) -> bool:
+    """Whether ``ORCHESTRATOR_TASKS`` holds the result of ``task_id`` on ``subject`` now.
+
+    For a task that may have run before (a redelivery) or whose result id the stream's
+    de-duplication window may have forgotten. A result already collected (acknowledged,
+    hence removed) is not seen. The last message on the subject is looked at first; the
+    rest only when another result follows it (a requeued run's). Errors are logged and
+    answer False: the caller runs or publishes, as it would have without the check.
+    """
+    wanted = infra.result_msg_id(task_id)
+    js = client.js
+    try:
+        last = await js.get_last_msg(infra.TASKS_STREAM, subject)
+        if (last.headers or {}).get(hdr.MSG_ID) == wanted:
+            return True
+        seq = 1
+        for _ in range(STORED_SCAN_LIMIT):
+            raw = await js.get_msg(infra.TASKS_STREAM, seq=seq, subject=subject, next=True)
+            if raw.seq is None or raw.seq >= (last.seq or 0):
+                return False
+            if (raw.headers or {}).get(hdr.MSG_ID) == wanted:
+                return True
+            seq = raw.seq + 1
+    except JsNotFoundError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - cannot tell: behave as without the check
+        log.warning("could not look for the stored result of %s on %s: %s", task_id, subject, exc)
     return False
 
 

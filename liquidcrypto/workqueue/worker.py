@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError, LiquidNat
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.pull import PullConsumer
-from liquidcrypto.nats.subscription import call_handler
+from liquidcrypto.nats.subscription import as_async, is_async_handler
 from liquidcrypto.workqueue import dead_letters, infra, metrics, results
 from liquidcrypto.workqueue.models import DeadLetter, OrchestratorTask, TaskResult, coerce_result, decode_task
 
@@ -91,7 +92,14 @@ class Worker:
         self.client = client
         self.handler = handler
         self.options = options or WorkerOptions()
+        # A plain handler runs in a thread of the worker's own, one per slot: it never
+        # waits behind other handlers, and the loop keeps sending in_progress meanwhile.
+        self._executor: ThreadPoolExecutor | None = None
+        if not is_async_handler(handler):
+            self._executor = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="orchestrator-worker")
+        self._run_handler = as_async(handler, self._executor)
         self._kv: KeyValue | None = None
+        self._dedupe_window = 0.0  # ORCHESTRATOR_TASKS's, read at every bind
         self._bound = False
         self.processed = 0
         self._pull = PullConsumer(
@@ -136,6 +144,10 @@ class Worker:
         """
         first = not self._pull.stopping
         await self._pull.stop(timeout)
+        if self._executor is not None:
+            # A plain handler still running past the timeout cannot be interrupted: its
+            # task was handed back, and the thread finishes on its own.
+            self._executor.shutdown(wait=False, cancel_futures=True)
         if first:
             log.info("orchestrator worker stopped after %d task(s)", self.processed)
 
@@ -145,6 +157,8 @@ class Worker:
         js = self.client.js
         await infra.ensure(self.client)
         self._kv = await js.key_value(infra.ATTEMPTS_BUCKET)
+        stream = await js.stream_info(infra.TASKS_STREAM)
+        self._dedupe_window = stream.config.duplicate_window or 0.0
         info = await infra.ensure_worker_consumer(js, self.options.ack_wait)
         if self._bound:
             metrics.CONSUMER_REBINDS.inc()
@@ -176,11 +190,17 @@ class Worker:
             await msg.nak(delay=o.decline_delay)
             return
         redelivered = md.num_delivered > 1
-        if redelivered and not await self._may_run(msg, task, task_id):
-            return
+        if redelivered:
+            # It may have run before: a worker that stored the result and died (or lost
+            # its connection) before its ack. Only redeliveries pay for this look-up.
+            if await results.result_stored(self.client, task.result_subject, task_id):
+                await self._already_done(msg, task_id)
+                return
+            if not await self._may_run(msg, task, task_id):
+                return
         started = time.perf_counter()
         try:
-            value = await call_handler(self.handler, task)
+            value = await self._run_handler(task)
         except Exception as exc:  # noqa: BLE001 - a handler failure is a retry, logged
             await self._failed(msg, task, task_id, exc, redelivered)
             return
@@ -190,6 +210,11 @@ class Worker:
             result = coerce_result(value, task)
         except InvalidTaskError as exc:
             await self._give_up(msg, task, task_id, 1, str(exc), outcome="invalid")
+            return
+        # Past the stream's de-duplication window the result id may be forgotten: a result
+        # another run stored meanwhile must be looked for, or it would be stored twice.
+        if self._outlived_window(md) and await results.result_stored(self.client, result.subject, task_id):
+            await self._already_done(msg, task_id)
             return
         # The result is stored (under its own de-duplication id) before the task is
         # acknowledged: a worker dying in between leaves a task whose re-run stores nothing new.
@@ -203,6 +228,22 @@ class Worker:
             return
         self.processed += 1
         (metrics.OK if result.success else metrics.FAILED).inc()
+
+    def _outlived_window(self, md: Msg.Metadata) -> bool:
+        """Whether the task was stored so long ago (half the de-duplication window, for
+        clock skew) that a result another run stored may no longer be de-duplicated."""
+        return time.time() - md.timestamp.timestamp() >= self._dedupe_window / 2
+
+    async def _already_done(self, msg: Msg, task_id: str) -> None:
+        """Acknowledge a task whose result is stored already, without running it again."""
+        log.info("task %s: its result is stored already (an earlier run); acknowledged", task_id)
+        try:
+            await msg.ack_sync(timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - the next redelivery finds the result again
+            log.warning("ack of completed task %s failed (%s); it will be redelivered", task_id, exc)
+            return
+        self.processed += 1
+        metrics.TASKS_DONE.labels(outcome="already_done").inc()
 
     async def _may_run(self, msg: Msg, task: OrchestratorTask, task_id: str) -> bool:
         """For a redelivered task: False (and dead-lettered) if ``max_deliver`` earlier
