@@ -76,6 +76,21 @@ class WorkQueue:
         for w in workers:
             await w.stop()
 
+    @property
+    def workers(self) -> tuple[Worker, ...]:
+        """The workers started here and not stopped by ``close()`` (failed ones included)."""
+        return tuple(self._workers)
+
+    def health(self) -> dict[str, Any]:
+        """``{"workers": n, "running": n, "failed": [{"failure": "...", "processed": n}, ...]}``:
+        a worker stopped by a permanent error is listed under ``failed``."""
+        states = [w.health() for w in self._workers]
+        return {
+            "workers": len(states),
+            "running": sum(h["state"] in ("running", "retrying") for h in states),
+            "failed": [{"failure": h["failure"], "processed": h["processed"]} for h in states if h["failure"]],
+        }
+
     async def enqueue_orchestrator_task(
         self, task: OrchestratorTask | Mapping[str, Any], *, timeout: float = 5.0
     ) -> EnqueueReceipt:

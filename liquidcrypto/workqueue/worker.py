@@ -106,7 +106,7 @@ class Worker:
             client, infra.TASKS_STREAM, self._run_one, self._bind,
             capacity=self.options.concurrency, concurrency=self.options.concurrency,
             ack_wait=self.options.ack_wait, heartbeats=2, stop_timeout=self.options.stop_timeout,
-            name="orchestrator worker", on_overflow=_HANDED_BACK.inc,
+            name="orchestrator worker", on_overflow=_HANDED_BACK.inc, on_failure=self._on_failure,
         )
 
     @property
@@ -114,6 +114,45 @@ class Worker:
         """Tasks that arrived with no free slot (a request that outlived a reconnect) and
         were handed back at once."""
         return self._pull.handed_back
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The permanent error that stopped the worker (``None`` while it runs)."""
+        return self._pull.failure
+
+    @property
+    def stopped(self) -> bool:
+        """Whether it stopped: ``stop()`` was called, or a permanent error (``failure``)."""
+        return self._pull.stopping
+
+    def health(self) -> dict[str, Any]:
+        """``{"state", "failure", "last_error", "processed"}``: ``state`` is ``running``,
+        ``retrying`` (binding or pulling fails and is retried; ``last_error`` says why),
+        ``failed`` (stopped by ``failure``), ``stopped`` or ``new``."""
+        last = self._pull.last_error
+        return {
+            "state": str(self._pull.state),
+            "failure": _describe(self.failure),
+            "last_error": _describe(last),
+            "processed": self.processed,
+        }
+
+    async def wait(self) -> None:
+        """Wait until the worker stops.
+
+        Raises:
+            Exception: the permanent error that stopped it, e.g. ``ConsumerConflictError``
+                (another consumer took ``orchestrator.tasks.>``) or an ``AttributeError``
+                of an incompatible nats-py.
+        """
+        await self._pull.wait()
+
+    def _on_failure(self, exc: BaseException) -> None:
+        metrics.WORKERS_FAILED.inc()
+        log.error(
+            "orchestrator worker stopped by a permanent error after %d task(s): %r; tasks wait for another worker",
+            self.processed, exc,
+        )
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -309,6 +348,10 @@ class Worker:
             return
         self.processed += 1
         metrics.TASKS_DONE.labels(outcome=outcome).inc()
+
+
+def _describe(exc: BaseException | None) -> str | None:
+    return None if exc is None else f"{type(exc).__name__}: {exc}"
 
 
 def _raw_body(data: bytes) -> Any:
