@@ -31,12 +31,11 @@ read JetStream through it. What it does, and why:
   inbox until they expire), so another consumer takes them at once instead of after
   ``ack_wait``.
 - **Never idle in silence.** A failure to bind or pull is retried with back-off; while
-  it repeats it is logged at error level (at most once per ``REPEAT_LOG_INTERVAL``,
+  it repeats it is logged at error level (``nats.failures.Retries``: at most every 30 s,
   with the count). A permanent one — a conflicting consumer, our own code failing
   (``AttributeError``/``TypeError``... as after a nats-py upgrade), or JetStream
-  refusing to create the consumer for ``REFUSED_GIVE_UP`` seconds — stops the consumer:
-  ``failure`` holds the error, ``wait()`` raises it, ``on_failure`` is called and it is
-  logged at error level.
+  refusing to create the consumer for 30 s — stops the consumer: ``failure`` holds the
+  error, ``wait()`` raises it, ``on_failure`` is called and it is logged at error level.
 """
 
 from __future__ import annotations
@@ -55,9 +54,10 @@ import orjson
 from nats.aio.msg import Msg
 from nats.js.api import DEFAULT_PREFIX, ConsumerInfo
 
-from liquidcrypto.errors import ConsumerConflictError, NatsUnavailableError, StreamConflictError
+from liquidcrypto.errors import NatsUnavailableError
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats.client import ConnectionState, NatsClient
+from liquidcrypto.nats.failures import PROGRAMMING_ERRORS, Retries, is_permanent
 from liquidcrypto.nats.subscription import MsgHandler, Subscription
 from liquidcrypto.nats.tasks import TaskSet
 
@@ -74,24 +74,6 @@ GRACE = 2.0
 MAX_BATCH = 1000
 """The largest single pull request."""
 _FLUSH_ERRORS = (nats.errors.Error, nats.js.errors.Error, NatsUnavailableError, TimeoutError)
-REPEAT_LOG_INTERVAL = 30.0
-"""Seconds between two error-level logs of a failure that keeps repeating."""
-REFUSED_GIVE_UP = 30.0
-"""Seconds JetStream may keep refusing to create or find the consumer (a 4xx answer,
-not an outage) before that counts as permanent."""
-# Our code failing this way is a bug or an incompatible nats-py: retrying cannot help.
-_PROGRAMMING_ERRORS = (AttributeError, TypeError, NameError, ImportError, NotImplementedError, AssertionError)
-
-
-def is_permanent(exc: BaseException) -> bool:
-    """Whether binding or pulling failed in a way that retrying cannot mend."""
-    return isinstance(exc, (ConsumerConflictError, StreamConflictError, *_PROGRAMMING_ERRORS))
-
-
-def _refused(exc: BaseException) -> bool:
-    """JetStream answered and said no (as opposed to not answering)."""
-    return isinstance(exc, nats.js.errors.APIError) and not isinstance(exc, nats.js.errors.ServiceUnavailableError) \
-        and (exc.code or 0) < 500
 
 
 class PullState(StrEnum):
@@ -167,10 +149,8 @@ class PullConsumer:
         self._bind_consumer = bind
         self._on_overflow = on_overflow
         self._on_failure = on_failure
-        self._permanent = permanent
+        self._retries = Retries(name, permanent)
         self.failure: BaseException | None = None
-        self.last_error: BaseException | None = None
-        """The error of binding or pulling while it is being retried (``None`` once it works)."""
         self.consumer = ""
         self.handed_back = 0
         self._heartbeat_every = max(0.05, ack_wait / heartbeats)
@@ -210,6 +190,11 @@ class PullConsumer:
     def stopping(self) -> bool:
         """Whether ``stop()`` was called (or a permanent error stopped it)."""
         return self._stopping
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The error of binding or pulling while it is being retried (``None`` once it works)."""
+        return self._retries.last_error
 
     @property
     def state(self) -> PullState:
@@ -368,8 +353,6 @@ class PullConsumer:
 
     async def _pull_loop(self) -> None:
         """(Re)bind when needed and top up after expired requests; slots top up after each message."""
-        failures = 0
-        first_failure = logged = refused_since = 0.0
         while not self._stopping:
             due = self._seconds_to_next_deadline()
             with contextlib.suppress(TimeoutError):
@@ -388,35 +371,15 @@ class PullConsumer:
                 if self.client.state is ConnectionState.CLOSED:
                     log.warning("%s: client closed before stop(); no longer pulling", self.name)
                     break
-                now = time.monotonic()
-                refused_since = (refused_since or now) if _refused(exc) else 0.0
-                if self._permanent(exc) or (refused_since and now - refused_since >= REFUSED_GIVE_UP):
+                delay = self._retries.failed(exc)  # logged there, loudly while it repeats
+                if delay is None:
                     self._fail(exc)
                     break
-                failures += 1
-                self.last_error = exc
                 self._rebind = True
-                delay = min(2.0, 0.1 * 2**failures)
-                if failures == 1:
-                    first_failure = logged = now
-                    log.warning("%s: pull failed (%r); binding again in %.1fs", self.name, exc, delay)
-                elif now - logged >= REPEAT_LOG_INTERVAL:
-                    logged = now
-                    log.error(
-                        "%s: pulling has failed %d times for %.0fs, not consuming (last: %r); binding again in %.1fs",
-                        self.name, failures, now - first_failure, exc, delay,
-                    )
-                else:
-                    log.debug("%s: pull failed again (%r)", self.name, exc)
                 await asyncio.sleep(delay)
                 self._wake.set()
             else:
-                if failures:
-                    log.warning("%s: pulling again after %d failure(s) over %.1fs", self.name, failures,
-                                time.monotonic() - first_failure)
-                failures = 0
-                refused_since = 0.0
-                self.last_error = None
+                self._retries.succeeded()
 
     def _fail(self, exc: BaseException) -> None:
         """Stop for good on a permanent error, loudly."""
@@ -543,7 +506,7 @@ class PullConsumer:
                     continue
                 try:
                     await msg.in_progress()
-                except _PROGRAMMING_ERRORS as exc:  # no heartbeat will ever work: held messages would run twice
+                except PROGRAMMING_ERRORS as exc:  # no heartbeat will ever work: held messages would run twice
                     self._fail(exc)
                     return
                 except Exception as exc:  # noqa: BLE001 - the next beat retries

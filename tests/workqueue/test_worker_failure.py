@@ -5,6 +5,7 @@ transient pull failures at error level."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -16,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from liquidcrypto import OrchestratorTask, WorkQueue
 from liquidcrypto.errors import ConsumerConflictError, NatsUnavailableError
-from liquidcrypto.nats import pull, streams
+from liquidcrypto.nats import failures, streams
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.workqueue import infra
 from liquidcrypto.workqueue.worker import Worker, WorkerOptions
@@ -34,10 +35,8 @@ async def run_one(wq: WorkQueue, sub: str, timeout: float = 15.0) -> None:
 
 
 async def delete_worker_consumer(client: NatsClient) -> None:
-    try:
+    with contextlib.suppress(JsNotFoundError):
         await client.js.delete_consumer(streams.ORCHESTRATOR_TASKS, infra.WORKER_CONSUMER)
-    except JsNotFoundError:
-        pass
 
 
 async def started(client: NatsClient) -> Worker:
@@ -125,9 +124,9 @@ async def test_repeated_transient_failures_are_logged_as_errors_until_it_recover
             raise NatsUnavailableError("JetStream is not answering")
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(pull, "REPEAT_LOG_INTERVAL", 0.3)
+    monkeypatch.setattr(failures, "REPEAT_LOG_INTERVAL", 0.3)
     monkeypatch.setattr(infra, "ensure_worker_consumer", unavailable)
-    with caplog.at_level(logging.DEBUG, logger="liquidcrypto.nats.pull"):
+    with caplog.at_level(logging.DEBUG, logger="liquidcrypto.nats.failures"):
         await delete_worker_consumer(client)
 
         def errors() -> list[str]:
@@ -139,7 +138,7 @@ async def test_repeated_transient_failures_are_logged_as_errors_until_it_recover
         outage = False
         await run_one(wq, "after")
     assert worker.health()["state"] == "running"
-    assert any("pulling again" in r.getMessage() for r in caplog.records)
+    assert any("working again" in r.getMessage() for r in caplog.records)
     await worker.stop()
 
 
