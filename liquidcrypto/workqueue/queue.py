@@ -27,6 +27,7 @@ from liquidcrypto.nats.client import NatsClient, get_client
 from liquidcrypto.workqueue import dead_letters as _dlq
 from liquidcrypto.workqueue import results as _results
 from liquidcrypto.workqueue.enqueue import enqueue as _enqueue
+from liquidcrypto.workqueue.infra import DEFAULT_RESULT_TTL
 from liquidcrypto.workqueue.models import (
     DeadLetter,
     EnqueueReceipt,
@@ -127,6 +128,7 @@ class WorkQueue:
         max_deliver: int = DEFAULT_MAX_DELIVER,
         backoff: Sequence[float] = DEFAULT_BACKOFF,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        result_ttl: float | None = DEFAULT_RESULT_TTL,
     ) -> StopFn:
         """Run ``handler(task)`` (sync or async) for tasks, exactly once in effect.
 
@@ -134,8 +136,8 @@ class WorkQueue:
             handler: receives an ``OrchestratorTask``; returns a ``TaskResult`` or a dict
                 with ``success`` (and ``result``/``error``; ids default to the task's).
                 Raising means "retry".
-            concurrency, specialist, ack_wait, max_deliver, backoff, stop_timeout: the
-                ``WorkerOptions`` of the same names (defaults and meaning there).
+            concurrency, specialist, ack_wait, max_deliver, backoff, stop_timeout, result_ttl:
+                the ``WorkerOptions`` of the same names (defaults and meaning there).
 
         While NATS is down (degraded mode) the worker starts anyway and begins pulling
         when the client connects.
@@ -150,7 +152,7 @@ class WorkQueue:
         """
         options = WorkerOptions(
             concurrency=concurrency, specialist=specialist, ack_wait=ack_wait, max_deliver=max_deliver,
-            backoff=backoff, stop_timeout=stop_timeout,
+            backoff=backoff, stop_timeout=stop_timeout, result_ttl=result_ttl,
         )
         worker = Worker(self.client, handler, options)
         stop = await worker.start()

@@ -60,6 +60,8 @@ class WorkerOptions:
         backoff: ``nak`` delays after the 1st, 2nd... failure (the last repeats).
         stop_timeout: how long ``stop()`` waits for running handlers by default.
         decline_delay: seconds before a declined task is offered again.
+        result_ttl: seconds a result stays in ``ORCHESTRATOR_TASKS`` if nobody collects
+            it (at least 1; ``None``: until collected).
 
     Raises:
         ValueError: an invalid option.
@@ -72,6 +74,7 @@ class WorkerOptions:
     backoff: Sequence[float] = DEFAULT_BACKOFF
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     decline_delay: float = DECLINE_DELAY
+    result_ttl: float | None = infra.DEFAULT_RESULT_TTL
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -82,6 +85,8 @@ class WorkerOptions:
             raise ValueError(f"max_deliver must be at least 1, got {self.max_deliver}")
         if any(b < 0 for b in self.backoff):
             raise ValueError(f"backoff delays must not be negative, got {list(self.backoff)}")
+        if self.result_ttl is not None and self.result_ttl < 1:
+            raise ValueError(f"result_ttl must be at least 1 s (or None: until collected), got {self.result_ttl}")
         object.__setattr__(self, "backoff", tuple(self.backoff) or (0.0,))
 
 
@@ -100,6 +105,7 @@ class Worker:
         self._run_handler = as_async(handler, self._executor)
         self._kv: KeyValue | None = None
         self._dedupe_window = 0.0  # ORCHESTRATOR_TASKS's, read at every bind
+        self._result_ttl: float | None = None  # options.result_ttl where the stream allows it
         self._bound = False
         self.processed = 0
         self._pull = PullConsumer(
@@ -198,6 +204,7 @@ class Worker:
         self._kv = await js.key_value(infra.ATTEMPTS_BUCKET)
         stream = await js.stream_info(infra.TASKS_STREAM)
         self._dedupe_window = stream.config.duplicate_window or 0.0
+        self._result_ttl = infra.usable_ttl(stream.config, self.options.result_ttl)
         info = await infra.ensure_worker_consumer(js, self.options.ack_wait)
         if self._bound:
             metrics.CONSUMER_REBINDS.inc()
@@ -257,7 +264,7 @@ class Worker:
             return
         # The result is stored (under its own de-duplication id) before the task is
         # acknowledged: a worker dying in between leaves a task whose re-run stores nothing new.
-        if not await results.publish_result(self.client, result, task_id):
+        if not await results.publish_result(self.client, result, task_id, ttl=self._result_ttl):
             await msg.nak(delay=o.backoff[0])
             return
         try:
@@ -335,7 +342,7 @@ class Worker:
             if task is not None or len(tokens) == 4:
                 sid, pid = (task.session_id, task.sub_prd_id) if task is not None else (tokens[2], tokens[3])
                 failure = TaskResult(session_id=sid, sub_prd_id=pid, success=False, error=error)
-                if not await results.publish_result(self.client, failure, task_id):
+                if not await results.publish_result(self.client, failure, task_id, ttl=self._result_ttl):
                     await msg.nak(delay=self.options.backoff[0])
                     return
             letter = DeadLetter(
