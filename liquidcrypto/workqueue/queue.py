@@ -186,7 +186,7 @@ class WorkQueue:
         """Call ``handler(result)`` (sync or async) for each result of the session.
 
         Each result is acknowledged (removed) after the handler returns; a handler
-        exception retries it (3 tries, then it is logged and dropped).
+        exception retries it (3 tries, then it is dead-lettered, ``kind="result"``).
 
         Raises:
             ValueError: invalid session id.
