@@ -4,11 +4,16 @@ Messages come from a ``PullConsumer`` (``liquidcrypto.nats.pull``) with ``capaci
 ``concurrency``: pull requests ask for exactly the free slots, so a busy worker never
 holds tasks another worker could run, each slot asks for the next task as soon as it
 finishes, running tasks get ``in_progress()`` every ``ack_wait/2``, and ``stop()`` hands
-unfinished tasks back. Per task (``_process``): decode it, run the handler, publish its
-result (``results.publish_result``, ``Nats-Msg-Id = result.{task_id}``), then double-ack
+unfinished tasks back. Per task (``_process``): decode it; if it is a redelivery whose
+result is stored already (an earlier run died before its ack), acknowledge it and stop;
+run the handler (a plain ``def`` one in the worker's own threads, so the loop keeps
+beating); if the task was stored more than half the de-duplication window ago, look for
+a result another run stored meanwhile; publish its result (``results.publish_result``,
+``Nats-Msg-Id = result.{task_id}``, ``Nats-TTL = result_ttl``), then double-ack
 (``ack_sync``). A failed run is counted in the attempts bucket and ``nak``-ed with a
 back-off delay; after ``max_deliver`` failures the task gets a failure result and a dead
-letter (``dead_letters``), then is acknowledged."""
+letter (``dead_letters``), then is acknowledged. A permanent error of the consumer stops
+the worker visibly (``failure``, ``wait()``, ``health()``, ``liquidcrypto_wq_workers_failed``)."""
 
 from __future__ import annotations
 
