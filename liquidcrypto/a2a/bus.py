@@ -51,7 +51,7 @@ from liquidcrypto.errors import (
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import streams, subjects
 from liquidcrypto.nats.client import ConnectionState, NatsClient
-from liquidcrypto.nats.subscription import Subscription
+from liquidcrypto.nats.subscription import Subscription, call_handler
 
 log = logging.getLogger(__name__)
 
@@ -364,10 +364,8 @@ class A2ABus:
                     await run_handler(handler, envelope, client, msg.subject)
                 elif is_coroutine:
                     await handler(envelope)
-                else:
-                    result = handler(envelope)
-                    if inspect.isawaitable(result):
-                        await result
+                else:  # a plain handler runs in a thread: it must not stop the event loop
+                    await call_handler(handler, envelope)
             except Exception:
                 metrics.HANDLER_ERRORS.labels("core").inc()
                 log.exception("handler of %s failed on %s (id %s)", pattern, msg.subject, envelope.id)

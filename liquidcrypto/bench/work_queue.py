@@ -53,7 +53,7 @@ async def bench_liquidcrypto(url: str, n: int, concurrency: int) -> float:
         await client.wait_connected(15)
         wq = WorkQueue(client)
 
-        def noop(task: OrchestratorTask) -> dict[str, Any]:
+        async def noop(task: OrchestratorTask) -> dict[str, Any]:  # a plain one would run in a thread
             return {"success": True}
 
         stop = await wq.start_orchestrator_worker(noop, concurrency=concurrency)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import os
@@ -26,7 +27,7 @@ from liquidcrypto.fanout.backend import Backend
 from liquidcrypto.fanout.session import ClientSession, QueuePolicy, SymbolState
 from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient, get_client
-from liquidcrypto.nats.subscription import call_handler
+from liquidcrypto.nats.subscription import call_handler, is_async_handler
 from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,42 @@ class _HandlerListener:
         self.queue.put_nowait(TradeEvent(symbol=symbol, data=data, seq=seq))
 
     async def run(self) -> None:
+        if not is_async_handler(self.handler):
+            await self._run_plain()
+            return
         while True:
             event = await self.queue.get()
             try:
                 await call_handler(self.handler, event if self.with_meta else event.data)
             except Exception:
                 log.exception("trade handler %r failed on %s seq %d", self.handler, event.symbol, event.seq)
+
+    async def _run_plain(self) -> None:
+        """A plain (non-async) handler runs in a thread, so it never stops the event loop;
+        it gets every trade queued at that moment in one thread hop (one hop per trade
+        would make even a quick handler lag behind a burst)."""
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            for event, pending in await call_handler(self._handle_batch, batch):
+                try:
+                    await pending
+                except Exception:
+                    log.exception("trade handler %r failed on %s seq %d", self.handler, event.symbol, event.seq)
+
+    def _handle_batch(self, batch: list[TradeEvent]) -> list[tuple[TradeEvent, Awaitable[Any]]]:
+        """In a thread: the handler for each trade; awaitables it returned, for the loop."""
+        later: list[tuple[TradeEvent, Awaitable[Any]]] = []
+        for event in batch:
+            try:
+                result = self.handler(event if self.with_meta else event.data)
+            except Exception:
+                log.exception("trade handler %r failed on %s seq %d", self.handler, event.symbol, event.seq)
+                continue
+            if inspect.isawaitable(result):
+                later.append((event, result))
+        return later
 
 
 @dataclass(eq=False)

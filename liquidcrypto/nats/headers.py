@@ -13,6 +13,8 @@ DESCRIPTION: Final = "Description"
 PENDING_MESSAGES: Final = "Nats-Pending-Messages"
 CONSUMER_STALLED: Final = "Nats-Consumer-Stalled"
 """On a push consumer's idle heartbeat: the flow-control subject the server waits an answer on."""
+TTL: Final = "Nats-TTL"
+"""Per-message time to live (``"3600s"``), on a stream with ``allow_msg_ttl`` (nats-server 2.11+)."""
 
 # The work queue's own headers.
 SPECIALIST: Final = "Lc-Specialist"

@@ -30,6 +30,12 @@ read JetStream through it. What it does, and why:
   with queued ones and with those that still arrive for open requests (it keeps the
   inbox until they expire), so another consumer takes them at once instead of after
   ``ack_wait``.
+- **Never idle in silence.** A failure to bind or pull is retried with back-off; while
+  it repeats it is logged at error level (``nats.failures.Retries``: at most every 30 s,
+  with the count). A permanent one — a conflicting consumer, our own code failing
+  (``AttributeError``/``TypeError``... as after a nats-py upgrade), or JetStream
+  refusing to create the consumer for 30 s — stops the consumer: ``failure`` holds the
+  error, ``wait()`` raises it, ``on_failure`` is called and it is logged at error level.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from enum import StrEnum
 
 import nats.errors
 import nats.js.errors
@@ -50,6 +57,7 @@ from nats.js.api import DEFAULT_PREFIX, ConsumerInfo
 from liquidcrypto.errors import NatsUnavailableError
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats.client import ConnectionState, NatsClient
+from liquidcrypto.nats.failures import PROGRAMMING_ERRORS, Retries, is_permanent
 from liquidcrypto.nats.subscription import MsgHandler, Subscription
 from liquidcrypto.nats.tasks import TaskSet
 
@@ -66,6 +74,18 @@ GRACE = 2.0
 MAX_BATCH = 1000
 """The largest single pull request."""
 _FLUSH_ERRORS = (nats.errors.Error, nats.js.errors.Error, NatsUnavailableError, TimeoutError)
+
+
+class PullState(StrEnum):
+    """Where a ``PullConsumer`` stands."""
+
+    NEW = "new"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    """binding or pulling fails, and is retried"""
+    FAILED = "failed"
+    """stopped by a permanent error (``failure``)"""
+    STOPPED = "stopped"
 
 
 class PullConsumer:
@@ -91,6 +111,8 @@ class PullConsumer:
         name: str = "pull consumer",
         on_overflow: Callable[[], None] | None = None,
         expires: float = PULL_EXPIRES,
+        on_failure: Callable[[BaseException], None] | None = None,
+        permanent: Callable[[BaseException], bool] = is_permanent,
     ) -> None:
         """
         Args:
@@ -109,6 +131,8 @@ class PullConsumer:
             name: for logs and task names.
             on_overflow: called for each message handed back because it arrived with no room.
             expires: seconds each pull request waits on the server.
+            on_failure: called once with the error that stopped it for good.
+            permanent: which errors of binding or pulling stop it for good.
         """
         if capacity < 0 or concurrency < 1:
             raise ValueError(f"capacity must be >= 0 and concurrency >= 1, got {capacity} and {concurrency}")
@@ -124,6 +148,9 @@ class PullConsumer:
         self._handler = handler
         self._bind_consumer = bind
         self._on_overflow = on_overflow
+        self._on_failure = on_failure
+        self._retries = Retries(name, permanent)
+        self.failure: BaseException | None = None
         self.consumer = ""
         self.handed_back = 0
         self._heartbeat_every = max(0.05, ack_wait / heartbeats)
@@ -161,8 +188,33 @@ class PullConsumer:
 
     @property
     def stopping(self) -> bool:
-        """Whether ``stop()`` was called."""
+        """Whether ``stop()`` was called (or a permanent error stopped it)."""
         return self._stopping
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The error of binding or pulling while it is being retried (``None`` once it works)."""
+        return self._retries.last_error
+
+    @property
+    def state(self) -> PullState:
+        if self.failure is not None:
+            return PullState.FAILED
+        if self._stopping:
+            return PullState.STOPPED
+        if self._loop is None:
+            return PullState.NEW
+        return PullState.RETRYING if self.last_error is not None else PullState.RUNNING
+
+    async def wait(self) -> None:
+        """Wait until it has stopped.
+
+        Raises:
+            Exception: the permanent error that stopped it (``failure``).
+        """
+        await self._stopped.wait()
+        if self.failure is not None:
+            raise self.failure
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -301,7 +353,6 @@ class PullConsumer:
 
     async def _pull_loop(self) -> None:
         """(Re)bind when needed and top up after expired requests; slots top up after each message."""
-        failures = 0
         while not self._stopping:
             due = self._seconds_to_next_deadline()
             with contextlib.suppress(TimeoutError):
@@ -314,21 +365,33 @@ class PullConsumer:
                 if self._rebind or self._consumer_gone:
                     await self._bind()
                 await self._top_up()
-                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the loop must outlive outages
                 if self.client.state is ConnectionState.CLOSED:
                     log.warning("%s: client closed before stop(); no longer pulling", self.name)
                     break
-                failures += 1
+                delay = self._retries.failed(exc)  # logged there, loudly while it repeats
+                if delay is None:
+                    self._fail(exc)
+                    break
                 self._rebind = True
-                delay = min(2.0, 0.1 * 2**failures)
-                (log.warning if failures == 1 else log.debug)(
-                    "%s: pull failed (%s); binding again in %.1fs", self.name, exc, delay
-                )
                 await asyncio.sleep(delay)
                 self._wake.set()
+            else:
+                self._retries.succeeded()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Stop for good on a permanent error, loudly."""
+        self.failure = exc
+        log.error("%s: stopped by a permanent error: %r", self.name, exc, exc_info=exc)
+        if self._on_failure is not None:
+            try:
+                self._on_failure(exc)
+            except Exception:
+                log.exception("%s: on_failure callback failed", self.name)
+        if not self._stopping:
+            self._tasks.spawn(self.stop(), "stop-on-failure")
 
     def _expire_stale(self) -> None:
         now = time.monotonic()
@@ -443,6 +506,9 @@ class PullConsumer:
                     continue
                 try:
                     await msg.in_progress()
+                except PROGRAMMING_ERRORS as exc:  # no heartbeat will ever work: held messages would run twice
+                    self._fail(exc)
+                    return
                 except Exception as exc:  # noqa: BLE001 - the next beat retries
                     log.debug("%s: in_progress failed: %s", self.name, exc)
 

@@ -5,7 +5,7 @@ Streams (the spec's three, then the work queue's dead letters):
 | Stream                 | Subjects                                             | Retention              |
 |------------------------|------------------------------------------------------|------------------------|
 | ``A2A_TASKS``          | ``agents.>``, ``system.>``                           | limits, max age 1 h    |
-| ``ORCHESTRATOR_TASKS`` | ``orchestrator.tasks.>``, ``orchestrator.results.>`` | work queue             |
+| ``ORCHESTRATOR_TASKS`` | ``orchestrator.tasks.>``, ``orchestrator.results.>`` | work queue, msg TTLs   |
 | ``TRADE_EVENTS``       | ``trades.>``, ``ws.broadcast``                       | limits, max age 5 min  |
 | ``ORCHESTRATOR_DLQ``   | ``orchestrator.dlq.>``                               | limits, max age 14 days |
 
@@ -22,7 +22,8 @@ component asks for its own group with ``await client.require(WORK_QUEUE_RESOURCE
 which ensures it then and after every later (re)connection.
 
 Ensuring is idempotent. A missing stream, bucket or consumer is created. A stream whose
-subjects, age or de-duplication window drifted is updated; a stream with another
+subjects, age or de-duplication window drifted, or that does not yet allow per-message
+TTLs it needs, is updated (a TTL, once allowed, is never disallowed); a stream with another
 retention policy is never silently changed (``StreamConflictError``); its replicas and
 storage are the operator's call. An existing bucket is used as it is (changing its TTL
 or history would change what it keeps). A consumer is updated to the wanted
@@ -104,6 +105,9 @@ ORCHESTRATOR_TASKS_STREAM = StreamConfig(
     storage=StorageType.FILE,
     num_replicas=1,
     duplicate_window=DEFAULT_WORK_QUEUE_DEDUPE_WINDOW,
+    # Results carry a Nats-TTL (nats-server 2.11+), so uncollected ones do not stay for
+    # ever; tasks carry none and stay until a worker acknowledges them.
+    allow_msg_ttl=True,
 )
 TRADE_EVENTS_STREAM = StreamConfig(
     name=TRADE_EVENTS,
@@ -259,6 +263,7 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
         sorted(have.subjects or []) != sorted(wanted.subjects or [])
         or (have.max_age or 0) != (wanted.max_age or 0)
         or have.duplicate_window != wanted.duplicate_window
+        or bool(wanted.allow_msg_ttl and not have.allow_msg_ttl)
     )
     if drift:
         # Keep the server's replica count and storage: changing either is an operator's call.
@@ -267,6 +272,7 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
             subjects=wanted.subjects,
             max_age=wanted.max_age,
             duplicate_window=wanted.duplicate_window,
+            allow_msg_ttl=have.allow_msg_ttl or wanted.allow_msg_ttl,
         )
         await js.update_stream(updated)
         log.info("updated stream %s to subjects=%s", wanted.name, wanted.subjects)

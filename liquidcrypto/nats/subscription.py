@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import nats.errors
@@ -37,12 +40,59 @@ _FLOW_CONTROL_PREFIX = "$JS.FC."
 DELETE_TIMEOUT = 2.0  # seconds an unsubscribe waits for its consumer's deletion
 
 
-async def call_handler(handler: Callable[..., Any], *args: Any) -> Any:
-    """Call a sync or async handler and return its result."""
-    result = handler(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
+HANDLER_THREADS = 32
+"""Threads of the shared pool that runs plain (non-async) handlers."""
+_pool: ThreadPoolExecutor | None = None
+
+
+def handler_pool() -> ThreadPoolExecutor:
+    """The pool plain handlers run in when their owner has none of its own.
+
+    Not the event loop's default executor: that one also resolves host names for
+    (re)connections, which must never wait behind slow handlers.
+    """
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="liquidcrypto-handler")
+    return _pool
+
+
+def is_async_handler(handler: Callable[..., Any]) -> bool:
+    """Whether ``handler`` is a coroutine function (or an object whose ``__call__`` is one)."""
+    if inspect.iscoroutinefunction(handler):
+        return True
+    return inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004 - an async __call__
+
+
+def as_async(handler: Callable[..., Any], executor: Executor | None = None) -> Callable[..., Awaitable[Any]]:
+    """``handler`` as a coroutine function, decided once (for hot paths).
+
+    An async handler is returned as it is. A plain one runs in a thread (``executor``,
+    default ``handler_pool()``) in a copy of the caller's context (context variables are
+    seen), so a handler that blocks never stops the event loop: pings, ``in_progress``
+    heartbeats and every other subscription go on meanwhile. If it returns an awaitable,
+    that is awaited on the loop.
+    """
+    if is_async_handler(handler):
+        return handler
+
+    async def in_thread(*args: Any) -> Any:
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(executor or handler_pool(), functools.partial(context.run, handler, *args))
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    return in_thread
+
+
+async def call_handler(handler: Callable[..., Any], *args: Any, executor: Executor | None = None) -> Any:
+    """Call a handler and return its result: an async one on the loop, a plain one in a
+    thread (see ``as_async``). Every component calls user handlers through this."""
+    if is_async_handler(handler):
+        return await handler(*args)
+    return await as_async(handler, executor)(*args)
 
 
 def json_callback(subject: str, handler: Handler) -> MsgHandler:
@@ -50,8 +100,10 @@ def json_callback(subject: str, handler: Handler) -> MsgHandler:
 
     Bad JSON is logged and skipped; handler exceptions are logged with the subject and
     the subscription carries on. If the message has a reply subject and the handler
-    returns something other than ``None``, it is sent back as the JSON reply.
+    returns something other than ``None``, it is sent back as the JSON reply. A plain
+    (non-async) handler runs in a thread (``as_async``).
     """
+    run = as_async(handler)
 
     async def callback(msg: Msg) -> None:
         try:
@@ -60,7 +112,7 @@ def json_callback(subject: str, handler: Handler) -> MsgHandler:
             log.warning("skipping message on %s: %s", msg.subject, exc)
             return
         try:
-            result = await call_handler(handler, data)
+            result = await run(data)
         except Exception:
             log.exception("handler for %s failed on a message from %s", subject, msg.subject)
             return

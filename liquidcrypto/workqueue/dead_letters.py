@@ -1,8 +1,9 @@
-"""Dead letters: tasks that exhausted their attempts, kept in ``ORCHESTRATOR_DLQ``.
+"""Dead letters: tasks that exhausted their attempts, and results whose
+``subscribe_to_results`` handler did, kept in ``ORCHESTRATOR_DLQ``.
 
 A dead letter's id is its sequence in that stream. ``requeue_dead_letter`` enqueues
-the task again under a fresh de-duplication id (the stream never forgets the old one)
-and deletes the dead letter.
+the task again — or stores the result again, for its subscriber — under a fresh
+de-duplication id (the stream never forgets the old one) and deletes the dead letter.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.workqueue import infra, metrics
 from liquidcrypto.workqueue.enqueue import enqueue
-from liquidcrypto.workqueue.models import DeadLetter, EnqueueReceipt, coerce_task
+from liquidcrypto.workqueue.models import DeadLetter, EnqueueReceipt, TaskResult, coerce_task
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +32,28 @@ def dlq_subject_for(task_subject: str) -> str:
     return f"{infra.DLQ_PREFIX}.{tail or 'unknown'}"
 
 
-async def publish_dead_letter(client: NatsClient, letter: DeadLetter) -> int:
-    """Store ``letter`` (idempotent per task id); its stream sequence.
+def result_dlq_subject_for(result_subject: str) -> str:
+    """``orchestrator.results.X.Y`` -> ``orchestrator.dlq.results.X.Y``."""
+    prefix = subjects.ORCHESTRATOR_RESULTS + "."
+    tail = result_subject[len(prefix) :] if result_subject.startswith(prefix) else result_subject
+    return f"{infra.DLQ_PREFIX}.results.{tail or 'unknown'}"
+
+
+async def publish_dead_letter(client: NatsClient, letter: DeadLetter, *, msg_id: str | None = None) -> int:
+    """Store ``letter`` (idempotent per ``msg_id``, default per task id); its stream sequence.
 
     Raises:
         NatsUnavailableError: it could not be stored.
     """
     body = letter.to_dict(exclude={"id"})
-    ack = await client.js_publish(
-        dlq_subject_for(letter.subject), body, msg_id=f"dlq.{letter.task_id}", timeout=5.0
-    )
+    result = letter.kind == "result"
+    subject = result_dlq_subject_for(letter.subject) if result else dlq_subject_for(letter.subject)
+    ack = await client.js_publish(subject, body, msg_id=msg_id or f"dlq.{letter.task_id}", timeout=5.0)
     if not ack.duplicate:
         metrics.DEAD_LETTERS.inc()
         log.warning(
-            "task %s dead-lettered as %s after %d attempts: %s",
-            letter.task_id, ack.seq, letter.attempts, letter.last_error,
+            "%s %s dead-lettered as %s after %d attempts: %s",
+            letter.kind, letter.task_id, ack.seq, letter.attempts, letter.last_error,
         )
     return int(ack.seq)
 
@@ -106,24 +114,45 @@ async def get_dead_letter(client: NatsClient, dead_letter_id: str) -> DeadLetter
 
 
 async def requeue_dead_letter(client: NatsClient, dead_letter_id: str) -> EnqueueReceipt:
-    """Enqueue a dead letter's task again and delete the dead letter.
+    """Enqueue a dead letter's task again (store its result again, for a result's letter)
+    and delete the dead letter.
 
-    The task gets the fresh id ``{session}.{sub_prd}.rq{id}-{failed_at}``: concurrent
-    requeues of one dead letter collapse to one run.
+    The task gets the fresh id ``{session}.{sub_prd}.rq{id}-{failed_at}`` (a result
+    ``result.{task_id}.rq{id}-{failed_at}``): concurrent requeues of one dead letter
+    collapse to one.
 
     Raises:
         DeadLetterNotFoundError: no such dead letter.
-        InvalidTaskError: the dead task was malformed and cannot run.
+        InvalidTaskError: the dead task (or result) was malformed and cannot be requeued.
         NatsUnavailableError: the task could not be stored.
     """
     letter = await get_dead_letter(client, dead_letter_id)
     if not isinstance(letter.task, dict):
-        raise InvalidTaskError(f"dead letter {letter.id} holds a malformed task; it cannot be requeued")
-    task = coerce_task(letter.task)
-    receipt = await enqueue(client, task, task_id=f"{task.dedupe_id}.rq{letter.id}-{letter.failed_at}")
+        raise InvalidTaskError(f"dead letter {letter.id} holds a malformed {letter.kind}; it cannot be requeued")
+    fresh = f"rq{letter.id}-{letter.failed_at}"
+    if letter.kind == "result":
+        receipt = await _store_result_again(client, letter, fresh)
+    else:
+        task = coerce_task(letter.task)
+        receipt = await enqueue(client, task, task_id=f"{task.dedupe_id}.{fresh}")
     # A concurrent requeue may have deleted it; its enqueue was de-duplicated with ours.
     with contextlib.suppress(JsNotFoundError):
         await client.js.delete_msg(infra.DLQ_STREAM, int(letter.id))
     metrics.TASKS_DONE.labels(outcome="requeued").inc()
-    log.info("requeued dead letter %s as task %s (seq %s)", letter.id, receipt.task_id, receipt.seq)
+    log.info("requeued dead letter %s as %s %s (seq %s)", letter.id, letter.kind, receipt.task_id, receipt.seq)
     return receipt
+
+
+async def _store_result_again(client: NatsClient, letter: DeadLetter, fresh: str) -> EnqueueReceipt:
+    """A dead-lettered result back on its subject, with the default time to live."""
+    try:
+        result = TaskResult.from_dict(letter.task)
+    except ValueError as exc:
+        raise InvalidTaskError(f"dead letter {letter.id} holds a malformed result: {exc}") from exc
+    info = await client.js.stream_info(infra.TASKS_STREAM)
+    msg_id = f"{infra.result_msg_id(letter.task_id)}.{fresh}"
+    headers = infra.result_headers(
+        letter.task_id, ttl=infra.usable_ttl(info.config, infra.DEFAULT_RESULT_TTL), msg_id=msg_id
+    )
+    ack = await client.js_publish_raw(result.subject, result.encode(), headers, timeout=5.0)
+    return EnqueueReceipt(seq=ack.seq, duplicate=bool(ack.duplicate), stream=ack.stream, task_id=msg_id)

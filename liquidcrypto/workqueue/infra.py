@@ -16,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo
+from nats.js.api import ConsumerInfo, StreamConfig
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from liquidcrypto import codec
+from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import streams
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.pull import PULL_EXPIRES
@@ -42,9 +44,36 @@ ERR_WQ_OVERLAP = streams.ERR_WQ_OVERLAP
 UNUSED_RECHECK = PULL_EXPIRES + 0.5
 
 
+DEFAULT_RESULT_TTL = 7 * 24 * 3600.0
+"""Seconds an uncollected result stays in ``ORCHESTRATOR_TASKS`` (its ``Nats-TTL``)."""
+
+
 def result_msg_id(task_id: str) -> str:
     """The ``Nats-Msg-Id`` of a task's result: one result per task id, whoever runs it."""
     return f"result.{task_id}"
+
+
+def result_headers(task_id: str, *, ttl: float | None, msg_id: str | None = None) -> dict[str, str]:
+    """A result's headers: its de-duplication id (default ``result_msg_id``), its task id,
+    and with ``ttl`` its time to live in whole seconds (at least 1, the server's minimum)."""
+    headers = {hdr.MSG_ID: msg_id or result_msg_id(task_id), hdr.TASK_ID: task_id}
+    if ttl:
+        headers[hdr.TTL] = f"{max(1, math.ceil(ttl))}s"
+    return headers
+
+
+def usable_ttl(tasks_stream: StreamConfig, ttl: float | None) -> float | None:
+    """``ttl`` if ``ORCHESTRATOR_TASKS`` (as configured on the server) allows per-message
+    TTLs, else ``None`` (logged): the server refuses a ``Nats-TTL`` where it is not allowed."""
+    if not ttl:
+        return None
+    if tasks_stream.allow_msg_ttl:
+        return ttl
+    log.warning(
+        "%s does not allow per-message TTLs (nats-server 2.11+ is needed): results are kept until collected",
+        TASKS_STREAM,
+    )
+    return None
 
 
 async def ensure(client: NatsClient) -> None:

@@ -23,6 +23,10 @@ TASK_SECONDS = Histogram(
     "Handler run time of a task",
     buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 1, 5, 30, 120, 600, 3600),
 )
+WORKERS_FAILED = Gauge(
+    "liquidcrypto_wq_workers_failed",
+    "Workers in this process stopped by a permanent error (a conflicting consumer, an incompatible nats-py...)",
+)
 IN_FLIGHT = Gauge("liquidcrypto_wq_tasks_in_flight", "Tasks whose handler is running in this process")
 RESULTS_COLLECTED = Counter(
     "liquidcrypto_wq_results_collected_total", "Distinct results returned by collect_results"

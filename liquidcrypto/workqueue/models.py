@@ -59,6 +59,11 @@ class OrchestratorTask(_SubPrd, frozen=True, kw_only=True):
         return f"{subjects.ORCHESTRATOR_TASKS}.{self.session_id}.{self.sub_prd_id}"
 
     @property
+    def result_subject(self) -> str:
+        """``orchestrator.results.{session_id}.{sub_prd_id}``: where its result is stored."""
+        return f"{subjects.ORCHESTRATOR_RESULTS}.{self.session_id}.{self.sub_prd_id}"
+
+    @property
     def dedupe_id(self) -> str:
         """The ``Nats-Msg-Id`` of a first enqueue: ``{session_id}.{sub_prd_id}``."""
         return f"{self.session_id}.{self.sub_prd_id}"
@@ -94,18 +99,22 @@ class EnqueueReceipt(codec.Model, frozen=True, kw_only=True):
 
 
 class DeadLetter(codec.Model, frozen=True, kw_only=True):
-    """A task that exhausted its attempts, as kept in the ``ORCHESTRATOR_DLQ`` stream.
+    """A task that exhausted its attempts — or a result whose ``subscribe_to_results``
+    handler did — as kept in the ``ORCHESTRATOR_DLQ`` stream.
 
     Stored as ``to_dict(exclude={"id"})`` (snake_case keys); read back with
     ``from_dict({**body, "id": ...})``.
 
     Attributes:
         id: the dead letter's id (its ``ORCHESTRATOR_DLQ`` sequence, as a string).
-        task: the task as received (a dict; the raw text if it was not JSON).
-        task_id: the ``Nats-Msg-Id`` the task had.
+        task: the task as received (a dict; the raw text if it was not JSON); for a
+            ``kind="result"`` letter, the result.
+        task_id: the ``Nats-Msg-Id`` the task had (for a result: its task's).
+        subject: where the task (or result) was.
         attempts: handler runs that failed (or deliveries, for a task no worker finished).
         last_error: why the last attempt failed.
         failed_at: when it was dead-lettered (ms since the epoch).
+        kind: ``"task"`` or ``"result"``.
     """
 
     id: str = ""
@@ -115,6 +124,7 @@ class DeadLetter(codec.Model, frozen=True, kw_only=True):
     attempts: int
     last_error: str
     failed_at: int = msgspec.field(default_factory=now_ms)
+    kind: str = "task"
 
 
 class ResultSet(list[TaskResult]):

@@ -27,6 +27,7 @@ from liquidcrypto.nats.client import NatsClient, get_client
 from liquidcrypto.workqueue import dead_letters as _dlq
 from liquidcrypto.workqueue import results as _results
 from liquidcrypto.workqueue.enqueue import enqueue as _enqueue
+from liquidcrypto.workqueue.infra import DEFAULT_RESULT_TTL
 from liquidcrypto.workqueue.models import (
     DeadLetter,
     EnqueueReceipt,
@@ -76,6 +77,21 @@ class WorkQueue:
         for w in workers:
             await w.stop()
 
+    @property
+    def workers(self) -> tuple[Worker, ...]:
+        """The workers started here and not stopped by ``close()`` (failed ones included)."""
+        return tuple(self._workers)
+
+    def health(self) -> dict[str, Any]:
+        """``{"workers": n, "running": n, "failed": [{"failure": "...", "processed": n}, ...]}``:
+        a worker stopped by a permanent error is listed under ``failed``."""
+        states = [w.health() for w in self._workers]
+        return {
+            "workers": len(states),
+            "running": sum(h["state"] in ("running", "retrying") for h in states),
+            "failed": [{"failure": h["failure"], "processed": h["processed"]} for h in states if h["failure"]],
+        }
+
     async def enqueue_orchestrator_task(
         self, task: OrchestratorTask | Mapping[str, Any], *, timeout: float = 5.0
     ) -> EnqueueReceipt:
@@ -112,6 +128,7 @@ class WorkQueue:
         max_deliver: int = DEFAULT_MAX_DELIVER,
         backoff: Sequence[float] = DEFAULT_BACKOFF,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        result_ttl: float | None = DEFAULT_RESULT_TTL,
     ) -> StopFn:
         """Run ``handler(task)`` (sync or async) for tasks, exactly once in effect.
 
@@ -119,8 +136,8 @@ class WorkQueue:
             handler: receives an ``OrchestratorTask``; returns a ``TaskResult`` or a dict
                 with ``success`` (and ``result``/``error``; ids default to the task's).
                 Raising means "retry".
-            concurrency, specialist, ack_wait, max_deliver, backoff, stop_timeout: the
-                ``WorkerOptions`` of the same names (defaults and meaning there).
+            concurrency, specialist, ack_wait, max_deliver, backoff, stop_timeout, result_ttl:
+                the ``WorkerOptions`` of the same names (defaults and meaning there).
 
         While NATS is down (degraded mode) the worker starts anyway and begins pulling
         when the client connects.
@@ -135,7 +152,7 @@ class WorkQueue:
         """
         options = WorkerOptions(
             concurrency=concurrency, specialist=specialist, ack_wait=ack_wait, max_deliver=max_deliver,
-            backoff=backoff, stop_timeout=stop_timeout,
+            backoff=backoff, stop_timeout=stop_timeout, result_ttl=result_ttl,
         )
         worker = Worker(self.client, handler, options)
         stop = await worker.start()
@@ -169,7 +186,7 @@ class WorkQueue:
         """Call ``handler(result)`` (sync or async) for each result of the session.
 
         Each result is acknowledged (removed) after the handler returns; a handler
-        exception retries it (3 tries, then it is logged and dropped).
+        exception retries it (3 tries, then it is dead-lettered, ``kind="result"``).
 
         Raises:
             ValueError: invalid session id.

@@ -10,7 +10,9 @@ the README):
 - one reader per session at a time (a second one waits, then ``ConsumerConflictError``);
 - ``collect_results`` acknowledges — removes — the results only when it returns a
   complete set; a partial (timed-out) collection leaves them for the next call;
-- ``subscribe_to_results`` acknowledges each result after its handler returned.
+- ``subscribe_to_results`` acknowledges each result after its handler returned; a result
+  its handler failed on ``HANDLER_ATTEMPTS`` times, or that cannot be read, is
+  dead-lettered (``ORCHESTRATOR_DLQ``, ``kind="result"``) before it is acknowledged.
 
 Both de-duplicate: a result message seen twice (redelivery, a second run after a
 crash) is dropped by task id, and ``collect_results`` keeps one result per sub-PRD,
@@ -28,19 +30,20 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import BadRequestError
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from liquidcrypto.errors import ConsumerConflictError, InvalidPayloadError, NatsUnavailableError
+from liquidcrypto.errors import ConsumerConflictError, InvalidPayloadError, LiquidNatsError, NatsUnavailableError
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.pull import PullConsumer
-from liquidcrypto.nats.subscription import MsgHandler, call_handler
-from liquidcrypto.workqueue import infra, metrics
-from liquidcrypto.workqueue.models import ResultSet, TaskResult, decode_result
+from liquidcrypto.nats.subscription import MsgHandler, as_async
+from liquidcrypto.workqueue import dead_letters, infra, metrics
+from liquidcrypto.workqueue.models import DeadLetter, ResultSet, TaskResult, decode_result
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +56,21 @@ SUBSCRIPTION_ACK_WAIT = 30.0
 HANDLER_ATTEMPTS = 3
 REMOVE_TIMEOUT = 5.0
 PUBLISH_ATTEMPTS = 3
+STORED_SCAN_LIMIT = 16  # results on one sub-PRD's subject looked at, at most
 
 
-async def publish_result(client: NatsClient, result: TaskResult, task_id: str) -> bool:
+async def publish_result(client: NatsClient, result: TaskResult, task_id: str, *, ttl: float | None = None) -> bool:
     """Store a task's result once per task id (``Nats-Msg-Id = result.{task_id}``),
     whoever runs the task and however often; retried while NATS is unavailable.
+
+    Args:
+        ttl: seconds the result stays if nobody collects it (``Nats-TTL``; the stream
+            must allow per-message TTLs, see ``infra.usable_ttl``); ``None``: until collected.
 
     Returns:
         whether the stream stored it (or already had it).
     """
-    headers = {hdr.MSG_ID: infra.result_msg_id(task_id), hdr.TASK_ID: task_id}
+    headers = infra.result_headers(task_id, ttl=ttl)
     payload = result.encode()
     for attempt in range(PUBLISH_ATTEMPTS):
         try:
@@ -71,6 +79,36 @@ async def publish_result(client: NatsClient, result: TaskResult, task_id: str) -
         except NatsUnavailableError as exc:
             log.warning("result of %s not stored (%s); attempt %d/%d", task_id, exc, attempt + 1, PUBLISH_ATTEMPTS)
             await asyncio.sleep(0.2 * 2**attempt)
+    return False
+
+
+async def result_stored(client: NatsClient, subject: str, task_id: str) -> bool:
+    """Whether ``ORCHESTRATOR_TASKS`` holds the result of ``task_id`` on ``subject`` now.
+
+    For a task that may have run before (a redelivery) or whose result id the stream's
+    de-duplication window may have forgotten. A result already collected (acknowledged,
+    hence removed) is not seen. The last message on the subject is looked at first; the
+    rest only when another result follows it (a requeued run's). Errors are logged and
+    answer False: the caller runs or publishes, as it would have without the check.
+    """
+    wanted = infra.result_msg_id(task_id)
+    js = client.js
+    try:
+        last = await js.get_last_msg(infra.TASKS_STREAM, subject)
+        if (last.headers or {}).get(hdr.MSG_ID) == wanted:
+            return True
+        seq = 1
+        for _ in range(STORED_SCAN_LIMIT):
+            raw = await js.get_msg(infra.TASKS_STREAM, seq=seq, subject=subject, next=True)
+            if raw.seq is None or raw.seq >= (last.seq or 0):
+                return False
+            if (raw.headers or {}).get(hdr.MSG_ID) == wanted:
+                return True
+            seq = raw.seq + 1
+    except JsNotFoundError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - cannot tell: behave as without the check
+        log.warning("could not look for the stored result of %s on %s: %s", task_id, subject, exc)
     return False
 
 
@@ -299,12 +337,21 @@ def _read(msg: Msg, seen: set[str] | OrderedDict[str, None]) -> TaskResult | Non
         log.warning("unreadable result on %s skipped: %s", msg.subject, exc)
         return None
     if isinstance(seen, OrderedDict):
-        seen[rid] = None
-        while len(seen) > 100_000:
-            seen.popitem(last=False)
+        _remember(seen, rid)
     else:
         seen.add(rid)
     return result
+
+
+def _remember(seen: OrderedDict[str, None], rid: str) -> None:
+    seen[rid] = None
+    while len(seen) > 100_000:
+        seen.popitem(last=False)
+
+
+def _raw_body(data: bytes) -> Any:
+    """A message body that is not a result, as text for a dead letter (at most 4 KiB)."""
+    return data[:4096].decode("utf-8", errors="replace")
 
 
 class ResultSubscription:
@@ -319,6 +366,7 @@ class ResultSubscription:
         self.session_id = subjects.token(session_id, "session_id")
         self.subject = subjects.orchestrator_results(session_id)
         self._handler = handler
+        self._run_handler = as_async(handler)  # a plain handler runs in a thread
         self._reader = ResultReader(
             client, session_id, self._deliver_one, ack_wait=SUBSCRIPTION_ACK_WAIT, capacity=SUBSCRIPTION_WINDOW
         )
@@ -350,18 +398,54 @@ class ResultSubscription:
     drain = unsubscribe
 
     async def _deliver_one(self, msg: Msg) -> None:
-        result = _read(msg, self._seen)
-        if result is not None:
-            try:
-                await call_handler(self._handler, result)
-            except Exception:
-                rid = (msg.headers or {}).get(hdr.MSG_ID)
-                self._seen.pop(rid or "", None)
-                if msg.metadata.num_delivered < HANDLER_ATTEMPTS:
-                    log.exception("results handler of %s failed; retrying the result", self.session_id)
-                    await msg.nak(delay=0.5)
-                    return
-                log.exception("results handler of %s failed %d times; result %s acknowledged",
-                              self.session_id, HANDLER_ATTEMPTS, rid)
-            self.delivered += 1
+        headers = msg.headers or {}
+        rid = headers.get(hdr.MSG_ID) or f"seq{msg.metadata.sequence.stream}"
+        if rid in self._seen:  # delivered already (a redelivery, a second run)
+            metrics.DUPLICATE_RESULTS.inc()
+            await msg.ack()
+            return
+        try:
+            result = decode_result(msg.data)
+        except InvalidPayloadError as exc:
+            log.warning("unreadable result on %s: %s", msg.subject, exc)
+            await self._dead_letter(msg, rid, None, 1, f"unreadable result: {exc}")
+            return
+        try:
+            await self._run_handler(result)
+        except Exception as exc:
+            attempts = msg.metadata.num_delivered
+            if attempts < HANDLER_ATTEMPTS:
+                log.exception("results handler of %s failed on %s (attempt %d of %d); retrying the result",
+                              self.session_id, rid, attempts, HANDLER_ATTEMPTS)
+                await msg.nak(delay=0.5)
+                return
+            log.exception("results handler of %s failed on %s %d times; dead-lettering the result",
+                          self.session_id, rid, attempts)
+            await self._dead_letter(msg, rid, result, attempts, f"{type(exc).__name__}: {exc}")
+            return
+        _remember(self._seen, rid)
+        self.delivered += 1
         await msg.ack()
+
+    async def _dead_letter(
+        self, msg: Msg, rid: str, result: TaskResult | None, attempts: int, error: str
+    ) -> None:
+        """Keep the result in ``ORCHESTRATOR_DLQ``, then acknowledge it; if it cannot be
+        stored there, leave it for redelivery (never acknowledged and lost)."""
+        headers = msg.headers or {}
+        letter = DeadLetter(
+            kind="result", task=result.to_wire() if result is not None else _raw_body(msg.data),
+            task_id=headers.get(hdr.TASK_ID) or rid, subject=msg.subject, attempts=attempts, last_error=error,
+        )
+        try:
+            # One letter per stored result message, however often it is redelivered.
+            await dead_letters.publish_dead_letter(
+                self.client, letter, msg_id=f"dlq.result.{msg.metadata.sequence.stream}"
+            )
+            await msg.ack_sync(timeout=REMOVE_TIMEOUT)
+        except (LiquidNatsError, nats.errors.Error, TimeoutError) as exc:
+            log.error("could not dead-letter result %s of %s (%s); it will be redelivered", rid, self.session_id, exc)
+            with contextlib.suppress(LiquidNatsError, nats.errors.Error, TimeoutError):
+                await msg.nak(delay=1.0)
+            return
+        _remember(self._seen, rid)

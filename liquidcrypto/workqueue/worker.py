@@ -4,17 +4,23 @@ Messages come from a ``PullConsumer`` (``liquidcrypto.nats.pull``) with ``capaci
 ``concurrency``: pull requests ask for exactly the free slots, so a busy worker never
 holds tasks another worker could run, each slot asks for the next task as soon as it
 finishes, running tasks get ``in_progress()`` every ``ack_wait/2``, and ``stop()`` hands
-unfinished tasks back. Per task (``_process``): decode it, run the handler, publish its
-result (``results.publish_result``, ``Nats-Msg-Id = result.{task_id}``), then double-ack
+unfinished tasks back. Per task (``_process``): decode it; if it is a redelivery whose
+result is stored already (an earlier run died before its ack), acknowledge it and stop;
+run the handler (a plain ``def`` one in the worker's own threads, so the loop keeps
+beating); if the task was stored more than half the de-duplication window ago, look for
+a result another run stored meanwhile; publish its result (``results.publish_result``,
+``Nats-Msg-Id = result.{task_id}``, ``Nats-TTL = result_ttl``), then double-ack
 (``ack_sync``). A failed run is counted in the attempts bucket and ``nak``-ed with a
 back-off delay; after ``max_deliver`` failures the task gets a failure result and a dead
-letter (``dead_letters``), then is acknowledged."""
+letter (``dead_letters``), then is acknowledged. A permanent error of the consumer stops
+the worker visibly (``failure``, ``wait()``, ``health()``, ``liquidcrypto_wq_workers_failed``)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +34,7 @@ from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError, LiquidNat
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.pull import PullConsumer
-from liquidcrypto.nats.subscription import call_handler
+from liquidcrypto.nats.subscription import as_async, is_async_handler
 from liquidcrypto.workqueue import dead_letters, infra, metrics, results
 from liquidcrypto.workqueue.models import DeadLetter, OrchestratorTask, TaskResult, coerce_result, decode_task
 
@@ -59,6 +65,8 @@ class WorkerOptions:
         backoff: ``nak`` delays after the 1st, 2nd... failure (the last repeats).
         stop_timeout: how long ``stop()`` waits for running handlers by default.
         decline_delay: seconds before a declined task is offered again.
+        result_ttl: seconds a result stays in ``ORCHESTRATOR_TASKS`` if nobody collects
+            it (at least 1; ``None``: until collected).
 
     Raises:
         ValueError: an invalid option.
@@ -71,6 +79,7 @@ class WorkerOptions:
     backoff: Sequence[float] = DEFAULT_BACKOFF
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     decline_delay: float = DECLINE_DELAY
+    result_ttl: float | None = infra.DEFAULT_RESULT_TTL
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -81,6 +90,8 @@ class WorkerOptions:
             raise ValueError(f"max_deliver must be at least 1, got {self.max_deliver}")
         if any(b < 0 for b in self.backoff):
             raise ValueError(f"backoff delays must not be negative, got {list(self.backoff)}")
+        if self.result_ttl is not None and self.result_ttl < 1:
+            raise ValueError(f"result_ttl must be at least 1 s (or None: until collected), got {self.result_ttl}")
         object.__setattr__(self, "backoff", tuple(self.backoff) or (0.0,))
 
 
@@ -91,14 +102,22 @@ class Worker:
         self.client = client
         self.handler = handler
         self.options = options or WorkerOptions()
+        # A plain handler runs in a thread of the worker's own, one per slot: it never
+        # waits behind other handlers, and the loop keeps sending in_progress meanwhile.
+        self._executor: ThreadPoolExecutor | None = None
+        if not is_async_handler(handler):
+            self._executor = ThreadPoolExecutor(self.options.concurrency, thread_name_prefix="orchestrator-worker")
+        self._run_handler = as_async(handler, self._executor)
         self._kv: KeyValue | None = None
+        self._dedupe_window = 0.0  # ORCHESTRATOR_TASKS's, read at every bind
+        self._result_ttl: float | None = None  # options.result_ttl where the stream allows it
         self._bound = False
         self.processed = 0
         self._pull = PullConsumer(
             client, infra.TASKS_STREAM, self._run_one, self._bind,
             capacity=self.options.concurrency, concurrency=self.options.concurrency,
             ack_wait=self.options.ack_wait, heartbeats=2, stop_timeout=self.options.stop_timeout,
-            name="orchestrator worker", on_overflow=_HANDED_BACK.inc,
+            name="orchestrator worker", on_overflow=_HANDED_BACK.inc, on_failure=self._on_failure,
         )
 
     @property
@@ -106,6 +125,45 @@ class Worker:
         """Tasks that arrived with no free slot (a request that outlived a reconnect) and
         were handed back at once."""
         return self._pull.handed_back
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The permanent error that stopped the worker (``None`` while it runs)."""
+        return self._pull.failure
+
+    @property
+    def stopped(self) -> bool:
+        """Whether it stopped: ``stop()`` was called, or a permanent error (``failure``)."""
+        return self._pull.stopping
+
+    def health(self) -> dict[str, Any]:
+        """``{"state", "failure", "last_error", "processed"}``: ``state`` is ``running``,
+        ``retrying`` (binding or pulling fails and is retried; ``last_error`` says why),
+        ``failed`` (stopped by ``failure``), ``stopped`` or ``new``."""
+        last = self._pull.last_error
+        return {
+            "state": str(self._pull.state),
+            "failure": _describe(self.failure),
+            "last_error": _describe(last),
+            "processed": self.processed,
+        }
+
+    async def wait(self) -> None:
+        """Wait until the worker stops.
+
+        Raises:
+            Exception: the permanent error that stopped it, e.g. ``ConsumerConflictError``
+                (another consumer took ``orchestrator.tasks.>``) or an ``AttributeError``
+                of an incompatible nats-py.
+        """
+        await self._pull.wait()
+
+    def _on_failure(self, exc: BaseException) -> None:
+        metrics.WORKERS_FAILED.inc()
+        log.error(
+            "orchestrator worker stopped by a permanent error after %d task(s): %r; tasks wait for another worker",
+            self.processed, exc,
+        )
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -136,6 +194,10 @@ class Worker:
         """
         first = not self._pull.stopping
         await self._pull.stop(timeout)
+        if self._executor is not None:
+            # A plain handler still running past the timeout cannot be interrupted: its
+            # task was handed back, and the thread finishes on its own.
+            self._executor.shutdown(wait=False, cancel_futures=True)
         if first:
             log.info("orchestrator worker stopped after %d task(s)", self.processed)
 
@@ -145,6 +207,9 @@ class Worker:
         js = self.client.js
         await infra.ensure(self.client)
         self._kv = await js.key_value(infra.ATTEMPTS_BUCKET)
+        stream = await js.stream_info(infra.TASKS_STREAM)
+        self._dedupe_window = stream.config.duplicate_window or 0.0
+        self._result_ttl = infra.usable_ttl(stream.config, self.options.result_ttl)
         info = await infra.ensure_worker_consumer(js, self.options.ack_wait)
         if self._bound:
             metrics.CONSUMER_REBINDS.inc()
@@ -176,11 +241,17 @@ class Worker:
             await msg.nak(delay=o.decline_delay)
             return
         redelivered = md.num_delivered > 1
-        if redelivered and not await self._may_run(msg, task, task_id):
-            return
+        if redelivered:
+            # It may have run before: a worker that stored the result and died (or lost
+            # its connection) before its ack. Only redeliveries pay for this look-up.
+            if await results.result_stored(self.client, task.result_subject, task_id):
+                await self._already_done(msg, task_id)
+                return
+            if not await self._may_run(msg, task, task_id):
+                return
         started = time.perf_counter()
         try:
-            value = await call_handler(self.handler, task)
+            value = await self._run_handler(task)
         except Exception as exc:  # noqa: BLE001 - a handler failure is a retry, logged
             await self._failed(msg, task, task_id, exc, redelivered)
             return
@@ -191,9 +262,14 @@ class Worker:
         except InvalidTaskError as exc:
             await self._give_up(msg, task, task_id, 1, str(exc), outcome="invalid")
             return
+        # Past the stream's de-duplication window the result id may be forgotten: a result
+        # another run stored meanwhile must be looked for, or it would be stored twice.
+        if self._outlived_window(md) and await results.result_stored(self.client, result.subject, task_id):
+            await self._already_done(msg, task_id)
+            return
         # The result is stored (under its own de-duplication id) before the task is
         # acknowledged: a worker dying in between leaves a task whose re-run stores nothing new.
-        if not await results.publish_result(self.client, result, task_id):
+        if not await results.publish_result(self.client, result, task_id, ttl=self._result_ttl):
             await msg.nak(delay=o.backoff[0])
             return
         try:
@@ -203,6 +279,22 @@ class Worker:
             return
         self.processed += 1
         (metrics.OK if result.success else metrics.FAILED).inc()
+
+    def _outlived_window(self, md: Msg.Metadata) -> bool:
+        """Whether the task was stored so long ago (half the de-duplication window, for
+        clock skew) that a result another run stored may no longer be de-duplicated."""
+        return time.time() - md.timestamp.timestamp() >= self._dedupe_window / 2
+
+    async def _already_done(self, msg: Msg, task_id: str) -> None:
+        """Acknowledge a task whose result is stored already, without running it again."""
+        log.info("task %s: its result is stored already (an earlier run); acknowledged", task_id)
+        try:
+            await msg.ack_sync(timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - the next redelivery finds the result again
+            log.warning("ack of completed task %s failed (%s); it will be redelivered", task_id, exc)
+            return
+        self.processed += 1
+        metrics.TASKS_DONE.labels(outcome="already_done").inc()
 
     async def _may_run(self, msg: Msg, task: OrchestratorTask, task_id: str) -> bool:
         """For a redelivered task: False (and dead-lettered) if ``max_deliver`` earlier
@@ -255,7 +347,7 @@ class Worker:
             if task is not None or len(tokens) == 4:
                 sid, pid = (task.session_id, task.sub_prd_id) if task is not None else (tokens[2], tokens[3])
                 failure = TaskResult(session_id=sid, sub_prd_id=pid, success=False, error=error)
-                if not await results.publish_result(self.client, failure, task_id):
+                if not await results.publish_result(self.client, failure, task_id, ttl=self._result_ttl):
                     await msg.nak(delay=self.options.backoff[0])
                     return
             letter = DeadLetter(
@@ -268,6 +360,10 @@ class Worker:
             return
         self.processed += 1
         metrics.TASKS_DONE.labels(outcome=outcome).inc()
+
+
+def _describe(exc: BaseException | None) -> str | None:
+    return None if exc is None else f"{type(exc).__name__}: {exc}"
 
 
 def _raw_body(data: bytes) -> Any:

@@ -14,7 +14,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, StorageType, St
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer
-from liquidcrypto.nats.pull import PullConsumer
+from liquidcrypto.nats.pull import PullConsumer, PullState
 from tests.helpers import eventually
 
 STREAM = "PULL_TEST"
@@ -234,3 +234,52 @@ async def test_a_forged_message_on_the_inbox_is_dropped_and_never_answered(clien
         assert answered == [] and b"forged" not in handled
     finally:
         await consumer.stop()
+
+
+async def test_a_programming_error_while_binding_stops_it_visibly(client: NatsClient, stream: str) -> None:
+    binds = 0
+    real = durable(client, "upgraded")
+    failures: list[BaseException] = []
+
+    async def bind() -> ConsumerInfo:
+        nonlocal binds
+        binds += 1
+        if binds > 1:  # as after an upgrade that renamed something we call
+            raise TypeError("add_consumer() got an unexpected keyword argument 'config'")
+        return await real()
+
+    async def handler(msg: Msg) -> None:
+        await msg.ack()
+
+    consumer = PullConsumer(client, stream, handler, bind, capacity=1, ack_wait=30.0, on_failure=failures.append)
+    await consumer.start()
+    assert consumer.state is PullState.RUNNING
+    await client.js.delete_consumer(STREAM, "upgraded")  # the next pull finds it gone: bind again
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        await asyncio.wait_for(consumer.wait(), 10)
+    assert consumer.state is PullState.FAILED and isinstance(consumer.failure, TypeError)
+    assert failures == [consumer.failure] and not consumer.running
+    await consumer.stop()  # idempotent
+
+
+async def test_heartbeats_that_cannot_work_stop_it_visibly(
+    client: NatsClient, stream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without heartbeats a held message would be redelivered and run twice: stop instead."""
+    release = asyncio.Event()
+
+    async def held(msg: Msg) -> None:
+        await release.wait()
+
+    async def renamed(self: Msg) -> None:
+        raise AttributeError("'Msg' object has no attribute '_client'")
+
+    monkeypatch.setattr(Msg, "in_progress", renamed)
+    consumer = PullConsumer(client, stream, held, durable(client, "beats", ack_wait=1.0), capacity=1,
+                            ack_wait=1.0, stop_timeout=0.1)
+    await publish(client, 1)
+    await consumer.start()
+    with pytest.raises(AttributeError, match="_client"):
+        await asyncio.wait_for(consumer.wait(), 10)
+    release.set()
+    assert consumer.state is PullState.FAILED

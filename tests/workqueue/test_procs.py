@@ -109,3 +109,19 @@ async def test_sigkill_of_a_worker_process_mid_task_completes_every_task_once_in
     # Only what `a` held when it died can run again: it never held more than its 4 slots.
     assert twice <= set(a.runs()) and len(twice) <= 4
     assert max(runs.values()) <= 2
+
+
+@pytest.mark.slow
+async def test_plain_handler_blocking_longer_than_ack_wait_runs_once(client: NatsClient, spawn: object) -> None:
+    """A plain (non-async) handler works for 6 s with ack_wait 2 s in one of two worker
+    processes: it runs in a thread, the event loop keeps sending in_progress, and the
+    other process never gets the task."""
+    args = ("--workers", "1", "--concurrency", "1", "--ack-wait", "2", "--sync-sleep", "6")
+    a = spawn("a", *args)  # type: ignore[operator]
+    b = spawn("b", *args)  # type: ignore[operator]
+    await wait_ready(a, b)
+    wq = WorkQueue(client)
+    await wq.enqueue_orchestrator_task({"sessionId": "sync", "subPrdId": "blocking"})
+    results = await wq.collect_results("sync", 1, timeout=30.0)
+    assert results.complete and results[0].success
+    assert a.runs() + b.runs() == ["blocking"], f"ran in a: {a.runs()}, in b: {b.runs()}"

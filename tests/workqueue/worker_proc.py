@@ -4,7 +4,8 @@
 
 Each handler run appends ``<sub_prd_id>`` to LOG with one unbuffered ``write`` before
 it works (so a SIGKILL loses no record of a started run); READY is created when the
-workers run. It runs until SIGTERM/SIGINT.
+workers run. It runs until SIGTERM/SIGINT. ``--sync-sleep S`` makes the handler a plain
+(non-async) function whose work is ``time.sleep(S)``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ async def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--ack-wait", type=float, default=30.0)
+    p.add_argument("--sync-sleep", type=float, default=0.0)
     args = p.parse_args(argv)
     fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     done = asyncio.Event()
@@ -43,11 +46,18 @@ async def main(argv: list[str] | None = None) -> int:
             await asyncio.sleep(args.delay)  # the task's own work
         return {"success": True, "result": {"pid": os.getpid()}}
 
+    def sync_handler(task: OrchestratorTask) -> dict[str, Any]:
+        os.write(fd, f"{task.sub_prd_id}\n".encode())
+        time.sleep(args.sync_sleep)  # the task's own (blocking) work
+        return {"success": True, "result": {"pid": os.getpid()}}
+
     async with NatsClient(args.url, settings=Settings()) as client:
         await client.wait_connected(15)
         async with WorkQueue(client) as wq:
             for _ in range(args.workers):
-                await wq.start_orchestrator_worker(handler, concurrency=args.concurrency, ack_wait=args.ack_wait)
+                await wq.start_orchestrator_worker(
+                    sync_handler if args.sync_sleep else handler, concurrency=args.concurrency, ack_wait=args.ack_wait
+                )
             Path(args.ready).touch()  # noqa: ASYNC240 - once, at start-up
             await done.wait()
     os.close(fd)
