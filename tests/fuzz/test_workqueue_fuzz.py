@@ -1,0 +1,27 @@
+"""An untrusted party on ``orchestrator.>``: random tasks and results, raw junk, headers.
+
+The properties (``harness`` module docstring) hold after every example: no unexpected
+exception, no publish outside the expected subjects, every task is consumed (handled or
+dead-lettered) and every result of the watched session delivered, the service stays
+healthy and keeps handling well-formed tasks.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+
+from tests.fuzz import strategies as fz
+from tests.fuzz.budget import fuzz_settings
+from tests.fuzz.harness import Harness, run_example
+from tests.fuzz.traffic import AttackMsg
+
+
+def test_random_work_queue_traffic_breaks_nothing(harness: Harness) -> None:
+    @fuzz_settings(max_examples=60)
+    @given(batch=fz.work_queue_batches())
+    def prop(batch: list[AttackMsg]) -> None:
+        run_example(harness, batch)
+
+    prop()
+    problems = harness.loop.run(harness.healthy_end_to_end())
+    assert not problems, problems
