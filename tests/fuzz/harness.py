@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -46,7 +47,7 @@ from liquidcrypto.nats import streams
 from liquidcrypto.nats.client import ConnectionState, NatsClient
 from liquidcrypto.nats.embedded import NatsServer
 from tests.fuzz.loop import LogCapture, LoopThread
-from tests.fuzz.service import CHANNELS, CORE_AGENT, DURABLE_AGENT, SESSION, SYMBOL, Service
+from tests.fuzz.service import CHANNELS, CORE_AGENT, DURABLE, DURABLE_AGENT, SESSION, SYMBOL, Service
 from tests.fuzz.traffic import (
     BARRIER_PREFIX,
     DLQ_PREFIX,
@@ -58,6 +59,8 @@ from tests.fuzz.traffic import (
     classify,
 )
 
+DEBUG = os.environ.get("FUZZ_DEBUG") == "1"
+"""FUZZ_DEBUG=1: a failing example also lists what the spy saw (API and inbox traffic aside)."""
 SETTLE_TIMEOUT = 10.0
 """Seconds every consumer has to handle its sentinel."""
 DRAIN_TIMEOUT = 3.0
@@ -208,9 +211,9 @@ class Harness:
         expect.task_subjects = self.task_subjects
         problems = await self._settle(n, CHANNELS)
         problems += classify(self.seen[spy_mark:], expect)
-        import os
-        if problems and os.environ.get("FUZZ_DEBUG"):
-            problems += [f"DEBUG seen {x!r}"[:200] for x in self.seen[spy_mark:] if not x.subject.startswith(("$JS.API", "$JS.EVENT", "_INBOX"))]
+        if problems and DEBUG:
+            problems += [f"(debug) the spy saw {x!r}"[:200] for x in self.seen[spy_mark:]
+                         if not x.subject.startswith(("$JS.API.", "$JS.EVENT.", "_INBOX."))]
         problems += await self.stream_problems(before, sent)
         problems += self.health_problems()
         problems += [f"(harness) attacker connection: {e}" for e in self.attacker_events[atk_mark:]]
@@ -310,14 +313,19 @@ class Harness:
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while True:
             after = await self.counts()
-            drained = after.tasks == 0 and after.watched_results == 0
+            durable = await self.spy_js.consumer_info(streams.A2A_TASKS, DURABLE)
+            durable_left = int(durable.num_pending or 0) + int(durable.num_ack_pending or 0)
+            drained = after.tasks == 0 and after.watched_results == 0 and durable_left == 0
             if drained or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.01)
         out = []
-        if not drained:
+        if after.tasks or after.watched_results:
             out.append(f"ORCHESTRATOR_TASKS kept {after.tasks} task(s) and {after.watched_results} result(s) of "
                        f"{SESSION} unconsumed after {DRAIN_TIMEOUT:g} s")
+        if durable_left:
+            out.append(f"the durable consumer left {durable.num_pending} message(s) undelivered and "
+                       f"{durable.num_ack_pending} unacknowledged after {DRAIN_TIMEOUT:g} s")
         if after.a2a_first != before.a2a_first or after.a2a_messages != after.a2a_last - after.a2a_first + 1:
             out.append(f"A2A_TASKS lost messages: {before} -> {after}")
         if not 0 <= after.a2a_last - before.a2a_last <= a2a_sent:
@@ -392,10 +400,3 @@ def run_example(h: Harness, msgs: Sequence[AttackMsg]) -> None:
     """The body of every property: run one example and fail with every violation named."""
     problems = h.loop.run(h.example(msgs), timeout=45)
     assert not problems, "properties violated:\n  " + "\n  ".join(problems) + "\nby:\n" + attack_summary(msgs)
-
-
-def stream_subject_count(info: Any, prefix: str) -> int:
-    return sum(c for s, c in (info.state.subjects or {}).items() if s.startswith(prefix))
-
-
-__all__ = ["DLQ_PREFIX", "Harness", "run_example"]
