@@ -16,6 +16,7 @@ from liquidcrypto.nats.embedded import NatsServer
 from tests.fuzz.harness import Harness
 from tests.fuzz.loop import LogCapture, LoopThread
 
+
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     server = NatsServer(tmp_path_factory.mktemp("fuzz") / "nats")

@@ -32,7 +32,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import nats
 import nats.errors
@@ -50,7 +49,6 @@ from tests.fuzz.loop import LogCapture, LoopThread
 from tests.fuzz.service import CHANNELS, CORE_AGENT, DURABLE, DURABLE_AGENT, SESSION, SYMBOL, Service
 from tests.fuzz.traffic import (
     BARRIER_PREFIX,
-    DLQ_PREFIX,
     RESULTS_PREFIX,
     TASKS_PREFIX,
     AttackMsg,
