@@ -13,13 +13,15 @@ from hypothesis import HealthCheck, Phase, settings
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # FUZZ_NO_SHRINK=1 reports the first failing example as drawn (exploring is then fast).
 NO_SHRINK = os.environ.get("FUZZ_NO_SHRINK", "") == "1"
+# FUZZ_EXAMPLES=N runs N examples per property instead of the CI budget (a longer local hunt).
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 
 
 def fuzz_settings(max_examples: int) -> settings:
     """The settings of a fuzz property: bounded examples, no deadline (real servers), and
     in CI derandomized with no example database, so every run tries the same inputs."""
     return settings(
-        max_examples=max_examples,
+        max_examples=EXAMPLES or max_examples,
         deadline=None,
         derandomize=IN_CI,
         database=None if IN_CI else settings.default.database,

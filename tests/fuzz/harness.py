@@ -171,9 +171,13 @@ class Harness:
         handles safely (absent, empty, not a string, or under ``_INBOX.``) and say so.
         """
         mark, logs = len(self.seen), self.logs.mark()
+        n = next(self.counter)
         body = orjson.dumps({"id": f"probe-{self.nonce}", "reply_to": PROBE_REPLY_TO})
         await self.atk.publish(f"agents.{CORE_AGENT}.tasks.probe", body)
-        await self._settle(next(self.counter), ["core"])
+        sentinel = self.sentinels(n)[0]
+        await self.atk.publish(sentinel.subject, sentinel.body)
+        problems = await self._settle(n, ["core"])
+        assert not problems, problems
         replied = any(s.subject == PROBE_REPLY_TO for s in self.seen[mark:])
         del self.logs.entries[logs:]  # the refusal may be logged; that is the fix working
         return not replied

@@ -18,7 +18,7 @@ from tests.fuzz.traffic import AttackMsg
 
 
 def test_random_work_queue_traffic_breaks_nothing(harness: Harness) -> None:
-    @fuzz_settings(max_examples=60)
+    @fuzz_settings(max_examples=100)
     @given(batch=fz.work_queue_batches())
     def prop(batch: list[AttackMsg]) -> None:
         assume(not hits_known_bug(batch))  # see known_bugs: each has its regression test
