@@ -13,6 +13,10 @@ from hypothesis import HealthCheck, Phase, settings
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # FUZZ_NO_SHRINK=1 reports the first failing example as drawn (exploring is then fast).
 NO_SHRINK = os.environ.get("FUZZ_NO_SHRINK", "") == "1"
+# FUZZ_INCLUDE_KNOWN_BUGS=1 draws the inputs known_bugs.py leaves out (the properties then
+# fail on today's code: a check that each exclusion hides a real bug, and, once the fixes
+# have landed, that they hold for every input).
+INCLUDE_KNOWN_BUGS = os.environ.get("FUZZ_INCLUDE_KNOWN_BUGS", "") == "1"
 # FUZZ_EXAMPLES=N runs N examples per property instead of the CI budget (a longer local hunt).
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 

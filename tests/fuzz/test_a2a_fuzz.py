@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import assume, given
 
 from tests.fuzz import strategies as fz
-from tests.fuzz.budget import fuzz_settings
+from tests.fuzz.budget import INCLUDE_KNOWN_BUGS, fuzz_settings
 from tests.fuzz.harness import Harness, run_example
 from tests.fuzz.known_bugs import hits_known_bug
 from tests.fuzz.traffic import AttackMsg
@@ -20,7 +20,7 @@ def test_random_a2a_traffic_breaks_nothing(harness: Harness) -> None:
     # reply_to values the bus still publishes to unchecked (issue 10, finding 1) are
     # drawn only once the bus refuses them: see strategies.reply_targets.
     @fuzz_settings(max_examples=100)
-    @given(batch=fz.a2a_batches(harness.reply_to_checked))
+    @given(batch=fz.a2a_batches(harness.reply_to_checked or INCLUDE_KNOWN_BUGS))
     def prop(batch: list[AttackMsg]) -> None:
         assume(not hits_known_bug(batch))  # see known_bugs: each has its regression test
         run_example(harness, batch)
