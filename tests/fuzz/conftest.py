@@ -8,6 +8,7 @@ on two cores; under ``CI=true`` it is derandomized (the same examples every run)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -17,14 +18,15 @@ from tests.fuzz.harness import Harness
 from tests.fuzz.loop import LogCapture, LoopThread
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+@contextlib.contextmanager
+def running_harness(tmp_path_factory: pytest.TempPathFactory, *, trade_mode: bool = False) -> Iterator[Harness]:
+    """A nats-server, the service loop and a started ``Harness``; all stopped after."""
     server = NatsServer(tmp_path_factory.mktemp("fuzz") / "nats")
     server.start()
     loop = LoopThread()
     logs = LogCapture()
     logs.install()
-    h = Harness(server, loop, logs)
+    h = Harness(server, loop, logs, trade_mode=trade_mode)
     try:
         loop.run(h.start(), timeout=60)
         yield h
@@ -35,3 +37,15 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             loop.close()
             logs.uninstall()
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    with running_harness(tmp_path_factory) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def trade_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    with running_harness(tmp_path_factory, trade_mode=True) as h:
+        yield h

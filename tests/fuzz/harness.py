@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import nats.errors
@@ -41,7 +42,9 @@ from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from liquidcrypto import codec
 from liquidcrypto.config import Settings
+from liquidcrypto.errors import InvalidPayloadError
 from liquidcrypto.nats import streams
 from liquidcrypto.nats.client import ConnectionState, NatsClient
 from liquidcrypto.nats.embedded import NatsServer
@@ -89,12 +92,21 @@ def envelope(kind: str, agent: str, type_: str, id_: str) -> bytes:
 class Harness:
     """One nats-server, one service, one spy, one attacker (see the module docstring)."""
 
-    def __init__(self, server: NatsServer, loop: LoopThread, logs: LogCapture) -> None:
+    def __init__(self, server: NatsServer, loop: LoopThread, logs: LogCapture, *, trade_mode: bool = False) -> None:
+        """
+        Args:
+            trade_mode: the attacker publishes on ``trades.>`` and ``ws.broadcast`` too:
+                every stored trade of ``BTCUSDT`` must reach the trade handler once, in
+                order, decoded (or be skipped as not JSON), and ``TRADE_EVENTS`` grows by
+                exactly what was published there.
+        """
         self.server = server
         self.loop = loop
         self.logs = logs
+        self.trade_mode = trade_mode
+        self.channels = (*CHANNELS, "trades") if trade_mode else CHANNELS
         self.client = NatsClient(server.url, settings=Settings())
-        self.service = Service(self.client)
+        self.service = Service(self.client, expect_trades=trade_mode)
         self.seen: list[Seen] = []
         self.task_subjects: set[str] = set()
         self.counter = itertools.count(1)
@@ -195,6 +207,7 @@ class Harness:
         """Publish ``msgs`` as the attacker, settle, and return the violations (empty: all held)."""
         n = next(self.counter)
         spy_mark, log_mark, loop_mark = len(self.seen), self.logs.mark(), len(self.loop.errors)
+        trades_mark = len(self.service.trades)
         atk_mark, err_mark = len(self.attacker_events), len(self.client_errors)
         before = await self.counts()
         expect = Expectations()
@@ -211,7 +224,9 @@ class Harness:
             if msg.subject.startswith(TASKS_PREFIX):
                 self.task_subjects.add(msg.subject)
         expect.task_subjects = self.task_subjects
-        problems = await self._settle(n, CHANNELS)
+        problems = await self._settle(n, self.channels)
+        if self.trade_mode:
+            problems += self.trade_problems(sent, self.service.trades[trades_mark:], n)
         problems += classify(self.seen[spy_mark:], expect)
         if problems and DEBUG:
             problems += [f"(debug) the spy saw {x!r}"[:200] for x in self.seen[spy_mark:]
@@ -239,7 +254,20 @@ class Harness:
                 orjson.dumps({"sessionId": SESSION, "subPrdId": sid, "payload": None, "createdAt": 1}),
                 headers={"Nats-Msg-Id": f"fuzz.{sid}"},
             ),
+            *([AttackMsg(CANARY_TRADE, orjson.dumps({"sentinel": sid}))] if self.trade_mode else []),
         ]
+
+    def trade_problems(self, sent: Sequence[AttackMsg], got: list[Any], n: int) -> list[str]:
+        """Each stored trade of the symbol reached the handler once, in order, decoded."""
+        want: list[Any] = []
+        for msg in sent:
+            if msg.subject == CANARY_TRADE:
+                with contextlib.suppress(InvalidPayloadError):
+                    want.append(codec.decode(msg.body))
+        want.append({"sentinel": f"sentinel-{self.nonce}-{n}"})
+        if got != want:
+            return [f"the trade handler got {len(got)} trade(s), not the {len(want)} stored: {got!r:.300}"]
+        return []
 
     async def send(self, msg: AttackMsg) -> bool:
         """Publish as the attacker; whether it went out (nats-py refuses some locally)."""
@@ -337,8 +365,10 @@ class Harness:
         if not 0 <= after.other_results - before.other_results <= wq_sent:
             out.append(f"results of other sessions went {before.other_results} -> {after.other_results} "
                        f"for {wq_sent} attacker message(s) on orchestrator.>")
-        if after.trades != before.trades:
-            out.append(f"TRADE_EVENTS went from {before.trades} to {after.trades} messages")
+        trades_sent = sum(m.subject.startswith("trades.") or m.subject == "ws.broadcast" for m in sent)
+        trades_sent += 1 if self.trade_mode else 0  # the sentinel trade
+        if after.trades != before.trades + trades_sent:
+            out.append(f"TRADE_EVENTS went from {before.trades} to {after.trades} messages for {trades_sent} published")
         if not 0 <= after.dlq - before.dlq <= wq_sent:
             out.append(f"ORCHESTRATOR_DLQ went {before.dlq} -> {after.dlq} for {wq_sent} attacker message(s)")
         return out
@@ -374,19 +404,20 @@ class Harness:
         await svc.bus.publish_event(CORE_AGENT, "final", {"n": n}, id=f"final-e-{self.nonce}")
         await svc.bus.publish_system_event("final", {"n": n}, id=f"final-s-{self.nonce}")
         await svc.wq.enqueue_orchestrator_task({"sessionId": SESSION, "subPrdId": f"final-{self.nonce}"})
+        trades_mark = len(svc.trades)
         await svc.manager.publish_trade_event(SYMBOL, {"final": n})
         await svc.manager.flush()
         want = {"durable": f"final-d-{self.nonce}", "events": f"final-e-{self.nonce}",
                 "system": f"final-s-{self.nonce}", "work": f"final-{self.nonce}", "results": f"final-{self.nonce}"}
         deadline = time.monotonic() + SETTLE_TIMEOUT
         while time.monotonic() < deadline:
-            if all(v in svc.seen[k] for k, v in want.items()) and svc.trades:
+            if all(v in svc.seen[k] for k, v in want.items()) and svc.trades[trades_mark:]:
                 break
             await asyncio.sleep(0.01)
         out += [f"{k} did not handle a legitimate message" for k, v in want.items() if v not in svc.seen[k]]
-        if svc.trades != [{"final": n}]:
-            out.append(f"the trade handler got {svc.trades!r}, not the one legitimate trade")
-        svc.trades.clear()
+        if svc.trades[trades_mark:] != [{"final": n}]:
+            out.append(f"the trade handler got {svc.trades[trades_mark:]!r}, not the one legitimate trade")
+        del svc.trades[trades_mark:]
         out += self.health_problems()
         gc.collect()
         out += [f"logged: {e}" for e in self.logs.since(log_mark)]

@@ -7,7 +7,8 @@
 - a ``WorkQueue`` worker on ``orchestrator.tasks.>`` and ``subscribe_to_results`` on
   the session ``fuzz-s``;
 - a ``NatsWebSocketManager`` with a ``subscribe_to_trade_events`` handler on
-  ``BTCUSDT``: it must receive nothing, since no trade is published during an example.
+  ``BTCUSDT``: it must receive nothing, since no trade is published during an example
+  (unless ``expect_trades``: the trade property publishes them).
 
 Every handler records the ids it saw per channel (``seen``), which the harness uses as
 its barrier: a sentinel message published after the attacker's, on the attacker's own
@@ -36,8 +37,9 @@ CHANNELS = ("core", "durable", "events", "system", "work", "results")
 class Service:
     """The consumers listed in the module docstring, on ``client``."""
 
-    def __init__(self, client: NatsClient) -> None:
+    def __init__(self, client: NatsClient, *, expect_trades: bool = False) -> None:
         self.client = client
+        self.expect_trades = expect_trades
         self.bus = A2ABus(client)
         self.wq = WorkQueue(client)
         self.manager = NatsWebSocketManager(client)
@@ -76,7 +78,7 @@ class Service:
         workers = self.wq._workers
         if len(workers) != 1 or not workers[0]._pull.running:
             out.append("the orchestrator worker stopped")
-        if self.trades:
+        if self.trades and not self.expect_trades:
             out.append(f"the trade handler received {len(self.trades)} trade(s): {self.trades[:3]!r}")
         return out
 
@@ -105,3 +107,5 @@ class Service:
 
     async def _trade(self, data: Any) -> None:
         self.trades.append(data)
+        if isinstance(data, dict) and isinstance(data.get("sentinel"), str):
+            self.seen["trades"].add(data["sentinel"])

@@ -267,3 +267,37 @@ def work_queue_message(draw: st.DrawFn) -> AttackMsg:
 
 def work_queue_batches() -> st.SearchStrategy[list[AttackMsg]]:
     return st.lists(work_queue_message(), min_size=1, max_size=5)
+
+
+# -- trades ------------------------------------------------------------------------------
+
+# Headers that change nothing about storing: every trade published is stored exactly once
+# (de-duplication ids and expectations would make that depend on earlier examples).
+plain_headers = st.one_of(
+    st.none(),
+    st.dictionaries(
+        st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,12}", fullmatch=True).filter(
+            lambda k: not k.lower().startswith("nats") and k.lower() not in ("status", "description")
+        ),
+        _header_value,
+        max_size=3,
+    ),
+)
+trade_bodies = st.one_of(
+    json_value.flatmap(encode),
+    _object({"price": json_value, "qty": json_value, "symbol": weird_text, "side": weird_text}).flatmap(encode),
+    huge_text.map(lambda t: json.dumps(t).encode()),
+    raw_junk,
+)
+
+
+@st.composite
+def trade_message(draw: st.DrawFn) -> AttackMsg:
+    subject = draw(st.one_of(st.just("trades.BTCUSDT"), dotted("trades", token), st.just("ws.broadcast")))
+    via = draw(st.sampled_from(["core", "js"]))
+    reply = draw(nats_reply) if via == "core" else None
+    return AttackMsg(subject=subject, body=draw(trade_bodies), headers=draw(plain_headers), via=via, reply=reply)
+
+
+def trade_batches() -> st.SearchStrategy[list[AttackMsg]]:
+    return st.lists(trade_message(), min_size=1, max_size=5)
