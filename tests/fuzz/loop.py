@@ -94,6 +94,7 @@ class LogCapture(logging.Handler):
         super().__init__(logging.DEBUG)
         self.entries: list[LogEntry] = []
         self._lock_entries = threading.Lock()
+        self._levels: dict[str, int] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno < logging.ERROR and not record.exc_info:
@@ -113,11 +114,15 @@ class LogCapture(logging.Handler):
             logger = logging.getLogger(name)
             logger.addHandler(self)
             if logger.getEffectiveLevel() > logging.WARNING:
+                self._levels[name] = logger.level
                 logger.setLevel(logging.WARNING)
 
     def uninstall(self) -> None:
         for name in WATCHED_LOGGERS:
-            logging.getLogger(name).removeHandler(self)
+            logger = logging.getLogger(name)
+            logger.removeHandler(self)
+            if name in self._levels:
+                logger.setLevel(self._levels.pop(name))
 
     def since(self, mark: int) -> list[LogEntry]:
         with self._lock_entries:

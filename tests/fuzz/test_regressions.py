@@ -17,11 +17,12 @@ import orjson
 import pytest
 from nats.aio.client import Client as Nats
 
-from liquidcrypto import A2ABus, Envelope, OrchestratorTask, WorkQueue
+from liquidcrypto import A2ABus, Envelope, OrchestratorTask, WorkQueue, codec
 from liquidcrypto.errors import LiquidNatsError
 from liquidcrypto.nats import streams
 from liquidcrypto.nats.client import ConnectionState, NatsClient
 from liquidcrypto.nats.embedded import NatsServer
+from liquidcrypto.workqueue.models import DeadLetter, decode_task
 from tests.helpers import eventually
 
 
@@ -208,3 +209,43 @@ async def test_a_durable_task_with_a_status_header_is_still_handled(bus: A2ABus,
     await attacker.publish("agents.victim.tasks.x", b'{"id": "t2"}')
     await eventually(lambda: "t2" in got, what="the next task handled")
     assert got == ["t1", "t2"]  # handled in stream order
+
+
+# -- finding F: a task sender can close the worker's connection (finding 2, from outside) ----
+
+
+def dead_letter_size(body: bytes, task_id: str, subject: str) -> int:
+    """The size of the dead letter the worker writes for the malformed task ``body``."""
+    try:
+        decode_task(body)
+    except ValueError as exc:
+        error = f"malformed task: {exc}"
+    else:
+        raise AssertionError("the task must be malformed")
+    letter = DeadLetter(task=codec.decode(body), task_id=task_id, subject=subject, attempts=1, last_error=error)
+    return len(codec.encode(letter.to_dict(exclude={"id"})))
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10 fuzz finding F: a near-max_payload malformed task closes the worker")
+async def test_a_near_max_payload_malformed_task_is_dead_lettered_and_the_worker_stays_connected(
+    client: NatsClient, attacker: Nats
+) -> None:
+    # The attacker's message fits (body + its header <= max_payload); the dead letter the
+    # worker writes for it is its body plus ~235 bytes of fields, just under max_payload,
+    # and its Nats-Msg-Id header pushes it over: the server closes the worker's connection.
+    max_payload, task_id, subject = client.nc.max_payload, "t" * 40, "orchestrator.tasks.s.p"
+    size = max_payload - 400
+    while dead_letter_size(orjson.dumps({"x": "y" * size}), task_id, subject) < max_payload - 4:
+        size += 1
+    body = orjson.dumps({"x": "y" * size})
+    async with WorkQueue(client) as wq:
+        await wq.start_orchestrator_worker(lambda t: {"success": True})
+        await attacker.jetstream().publish(subject, body, headers={"Nats-Msg-Id": task_id})
+
+        async def consumed() -> bool:
+            if client.state is not ConnectionState.CONNECTED:
+                return False
+            return await subject_count(client, streams.ORCHESTRATOR_TASKS, "orchestrator.tasks.>") == 0
+
+        await eventually(consumed, timeout=3, what="the task dead-lettered with the worker connected")
+        assert client.reconnects == 0 and (await client.health())["connected"]
