@@ -235,9 +235,9 @@ async def test_a_near_max_payload_malformed_task_is_dead_lettered_and_the_worker
     # and its Nats-Msg-Id header pushes it over: the server closes the worker's connection.
     max_payload, task_id, subject = client.nc.max_payload, "t" * 40, "orchestrator.tasks.s.p"
     size = max_payload - 400
-    while dead_letter_size(orjson.dumps({"x": "y" * size}), task_id, subject) < max_payload - 4:
-        size += 1
+    size += max_payload - 4 - dead_letter_size(orjson.dumps({"x": "y" * size}), task_id, subject)
     body = orjson.dumps({"x": "y" * size})
+    assert dead_letter_size(body, task_id, subject) == max_payload - 4  # one more "y", one more byte
     async with WorkQueue(client) as wq:
         await wq.start_orchestrator_worker(lambda t: {"success": True})
         await attacker.jetstream().publish(subject, body, headers={"Nats-Msg-Id": task_id})
