@@ -167,6 +167,20 @@ class Harness:
         self._reconnects = self.client.reconnects
         self.reply_to_checked = await self._probe_reply_to()
 
+    async def pull_inboxes(self) -> list[str]:
+        """The inboxes of the service's pull consumers, as anyone reading ``$JS.API.>`` learns
+        them (the reply subject of their pull requests); at least the worker's, the durable's
+        and the results reader's."""
+        found: dict[str, str] = {}
+        deadline = time.monotonic() + 10
+        while len(found) < 3 and time.monotonic() < deadline:
+            for s in self.seen:
+                if s.subject.startswith("$JS.API.CONSUMER.MSG.NEXT.") and s.reply:
+                    found[s.subject] = s.reply
+            await asyncio.sleep(0.05)
+        assert len(found) >= 3, f"pull requests seen: {found}"
+        return sorted(set(found.values()))
+
     async def _attacker_error(self, exc: Exception) -> None:
         self.attacker_events.append(f"error {exc!r}")
 

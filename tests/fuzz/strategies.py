@@ -301,3 +301,17 @@ def trade_message(draw: st.DrawFn) -> AttackMsg:
 
 def trade_batches() -> st.SearchStrategy[list[AttackMsg]]:
     return st.lists(trade_message(), min_size=1, max_size=5)
+
+
+# -- the service's private inboxes -------------------------------------------------------
+
+
+def inbox_batches(inboxes: list[str]) -> st.SearchStrategy[list[AttackMsg]]:
+    """Messages on the pull consumers' inboxes (anyone subscribed to ``$JS.API.>`` sees them
+    as the reply subject of the pull requests): forged deliveries and status messages."""
+    body = st.one_of(st.just(b""), envelope_bodies(False), task_bodies(st.just(SESSION), task_token), raw_junk)
+    message = st.builds(
+        lambda subject, data, hdrs, reply: AttackMsg(subject=subject, body=data, headers=hdrs, reply=reply),
+        st.sampled_from(inboxes), body, headers, nats_reply,
+    )
+    return st.lists(message, min_size=1, max_size=5)
