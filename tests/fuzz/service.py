@@ -17,6 +17,7 @@ connection, reaches each handler after everything the attacker sent before it.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import Any
 
@@ -62,11 +63,9 @@ class Service:
         await self.manager.subscribe_to_trade_events([SYMBOL], self._trade)
 
     async def close(self) -> None:
-        await self.manager.close()
-        if self.results is not None:
-            await self.results.unsubscribe()
-        await self.wq.close()
-        await self.bus.close()
+        """Stop every consumer (together: each waits for its open pull requests to expire)."""
+        results = self.results.unsubscribe() if self.results is not None else asyncio.sleep(0)
+        await asyncio.gather(self.manager.close(), results, self.wq.close(), self.bus.close())
 
     def problems(self) -> list[str]:
         """What is not running any more (each consumer must outlive any input)."""
