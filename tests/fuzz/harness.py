@@ -11,9 +11,11 @@ returns the violations of the properties:
 2. no message on a subject outside the expected ones (``traffic.classify``);
 3. streams change only as expected: nothing is deleted or purged (a canary message in
    each stream stays; ``A2A_TASKS`` has no holes), ``A2A_TASKS`` grows by at most what
-   was published on ``agents.>``/``system.>``, every task on ``orchestrator.tasks.>``
-   and every result of the watched session is consumed, other results and dead letters
-   grow by at most one per attacker message, ``TRADE_EVENTS`` does not change;
+   was published on ``agents.>``/``system.>``, the durable consumer acknowledges (or
+   terminates) everything it is given, every task on ``orchestrator.tasks.>`` and every
+   result of the watched session is consumed, other results and dead letters grow by at
+   most one per attacker message, ``TRADE_EVENTS`` grows by exactly what the attacker
+   published on ``trades.>``/``ws.broadcast`` (in ``trade_mode``; nothing otherwise);
 4. the service stays healthy: the client is connected, never reconnected, dropped
    nothing as a slow consumer, every consumer still runs and handled its sentinel.
 
