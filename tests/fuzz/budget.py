@@ -28,7 +28,7 @@ def fuzz_settings(max_examples: int) -> settings:
         max_examples=EXAMPLES or max_examples,
         deadline=None,
         derandomize=IN_CI,
-        database=None if IN_CI else settings.default.database,
+        database=None if IN_CI else settings().database,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
         print_blob=True,
         phases=[p for p in Phase if not (NO_SHRINK and p in (Phase.shrink, Phase.explain))],

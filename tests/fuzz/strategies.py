@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from tests.fuzz.budget import INCLUDE_KNOWN_BUGS
 from tests.fuzz.service import CORE_AGENT, DURABLE_AGENT, SESSION
-from tests.fuzz.traffic import AttackMsg
+from tests.fuzz.traffic import AttackMsg, Via
+
+VIAS: tuple[Via, ...] = ("core", "js")
 
 # -- text ------------------------------------------------------------------------------
 
@@ -32,7 +34,7 @@ NASTY_TARGETS = (
     f"agents.{CORE_AGENT}.tasks.injected", "system.events.injected", "a b", "*", ">", "agents.>", "\x00", "é.🙂",
 )
 
-any_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=24)
+any_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=24)
 weird_text = st.one_of(st.sampled_from(NASTY_IDS), any_text)
 
 
@@ -49,7 +51,7 @@ huge_text = st.one_of(_repeat("xé🙂\x00\\\"\u202e", 1_000, 60_000), _repeat("
 PARSER_BREAKING = "" if INCLUDE_KNOWN_BUGS else "\x0b\x0c"
 # A subject token as nats-py lets it through on publish: no whitespace nats-py checks
 # (space, tab, CR, LF), no dot; wildcards, control characters and non-ASCII are fine.
-_TOKEN_CHARS = st.characters(exclude_categories=("Cs",), exclude_characters=" \t\r\n." + PARSER_BREAKING)
+_TOKEN_CHARS = st.characters(exclude_categories=["Cs"], exclude_characters=" \t\r\n." + PARSER_BREAKING)
 token = st.one_of(
     st.sampled_from(["x", "*", ">", "$JS", "_INBOX", "fuzz-s", "ORCHESTRATOR_TASKS", "é", "🙂", "\x00", "\x1f",
                      "\u00a0", "\u2028", "-", "%", "z" * 257]),
@@ -198,7 +200,7 @@ nats_reply = st.one_of(st.none(), st.integers(0, 9).map(lambda i: f"_INBOX.attac
 
 @st.composite
 def attack(draw: st.DrawFn, subject: st.SearchStrategy[str], body: st.SearchStrategy[bytes]) -> AttackMsg:
-    via = draw(st.sampled_from(["core", "js"]))
+    via = draw(st.sampled_from(VIAS))
     return AttackMsg(
         subject=draw(subject), body=draw(body), headers=draw(headers), via=via,
         reply=draw(nats_reply) if via == "core" else None,
@@ -233,7 +235,7 @@ def a2a_batches(reply_to_checked: bool) -> st.SearchStrategy[list[AttackMsg]]:
 # an error and leaves it for redelivery, for ever (test_regressions.py, new finding C).
 # Until that is fixed, task subjects use these tokens only.
 _TASK_TOKEN_CHARS = st.characters(
-    exclude_categories=("Cs", "Zs", "Zl", "Zp"), exclude_characters=" \t\r\n.*>\x1c\x1d\x1e\x1f\x85" + PARSER_BREAKING
+    exclude_categories=["Cs", "Zs", "Zl", "Zp"], exclude_characters=" \t\r\n.*>\x1c\x1d\x1e\x1f\x85" + PARSER_BREAKING
 )
 task_token = token if INCLUDE_KNOWN_BUGS else st.one_of(
     st.sampled_from(["x", "fuzz-s", "$JS", "_INBOX", "ORCHESTRATOR_TASKS", "é", "🙂", "\x00", "-", "%", "z" * 256]),
@@ -294,7 +296,7 @@ trade_bodies = st.one_of(
 @st.composite
 def trade_message(draw: st.DrawFn) -> AttackMsg:
     subject = draw(st.one_of(st.just("trades.BTCUSDT"), dotted("trades", token), st.just("ws.broadcast")))
-    via = draw(st.sampled_from(["core", "js"]))
+    via = draw(st.sampled_from(VIAS))
     reply = draw(nats_reply) if via == "core" else None
     return AttackMsg(subject=subject, body=draw(trade_bodies), headers=draw(plain_headers), via=via, reply=reply)
 

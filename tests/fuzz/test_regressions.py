@@ -173,9 +173,8 @@ async def test_every_malformed_task_is_dead_lettered_and_acknowledged(
 
 @pytest.mark.xfail(strict=True, reason="issue 10 fuzz finding D: result subject taken from the body, not the subject")
 async def test_a_task_cannot_publish_a_result_into_another_session(client: NatsClient, attacker: Nats) -> None:
-    ran: list[OrchestratorTask] = []
     async with WorkQueue(client) as wq:
-        await wq.start_orchestrator_worker(lambda t: ran.append(t) or {"success": True})
+        await wq.start_orchestrator_worker(lambda t: {"success": True})
         await attacker.jetstream().publish("orchestrator.tasks.mine.p1", task_body("victim", "forged"))
 
         async def consumed() -> bool:
@@ -191,8 +190,13 @@ async def test_a_task_cannot_publish_a_result_into_another_session(client: NatsC
 @pytest.mark.xfail(strict=True, reason="issue 10 fuzz finding E: a stored Status header is taken for a status message")
 async def test_a_task_with_a_status_header_is_still_run(client: NatsClient, attacker: Nats) -> None:
     ran: list[str] = []
+
+    def run(task: OrchestratorTask) -> dict[str, bool]:
+        ran.append(task.sub_prd_id)
+        return {"success": True}
+
     async with WorkQueue(client) as wq:
-        await wq.start_orchestrator_worker(lambda t: ran.append(t.sub_prd_id) or {"success": True})
+        await wq.start_orchestrator_worker(run)
         for sub, status in (("p100", "100"), ("p409", "409")):
             await attacker.jetstream().publish(
                 f"orchestrator.tasks.s.{sub}", task_body("s", sub),
