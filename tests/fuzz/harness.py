@@ -107,7 +107,16 @@ class Harness:
         self.logs = logs
         self.trade_mode = trade_mode
         self.channels = (*CHANNELS, "trades") if trade_mode else CHANNELS
-        self.client = NatsClient(server.url, settings=Settings())
+        self.client_errors: list[str] = []
+
+        # nats-py hands exceptions raised in a subscription callback to error_cb, which the
+        # client only logs at debug level: record them (a caller's error_cb runs after the
+        # client's own; connection-level errors show in health).
+        async def record_error(exc: Exception) -> None:
+            if not isinstance(exc, nats.errors.SlowConsumerError):
+                self.client_errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+        self.client = NatsClient(server.url, settings=Settings(), error_cb=record_error)
         self.service = Service(self.client, expect_trades=trade_mode)
         self.seen: list[Seen] = []
         self.task_subjects: set[str] = set()
@@ -116,17 +125,6 @@ class Harness:
         self.reply_to_checked = False
         self.attacker_events: list[str] = []
         self._reconnects = 0
-        self.client_errors: list[str] = []
-        # nats-py hands exceptions raised in a subscription callback to error_cb, which the
-        # client only logs at debug level: record them (connection-level errors show in health).
-        on_error = self.client._on_error
-
-        async def record_error(exc: Exception) -> None:
-            if not isinstance(exc, nats.errors.SlowConsumerError):
-                self.client_errors.append(f"{type(exc).__name__}: {exc}"[:300])
-            await on_error(exc)
-
-        self.client._on_error = record_error  # type: ignore[method-assign]
         self._spy: Nats | None = None
         self._atk: Nats | None = None
 

@@ -53,7 +53,6 @@ def task_body(session: str, sub: str, **extra: Any) -> bytes:
 # -- issue 10, finding 1: reply_to is published to unchecked ----------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 finding 1: a task's reply_to is published to unchecked")
 @pytest.mark.parametrize(
     ("reply_to", "stream"),
     [("$JS.API.STREAM.PURGE.ORCHESTRATOR_TASKS", streams.ORCHESTRATOR_TASKS), ("trades.BTCUSDT", streams.TRADE_EVENTS)],
@@ -88,7 +87,6 @@ async def test_reply_to_outside_the_bus_inboxes_is_never_published(
 # -- issue 10, finding 2: an over-size message with headers closes the connection for good -----
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 finding 2: body + headers over max_payload closes the connection")
 async def test_oversize_task_with_headers_is_refused_and_the_client_stays_healthy(client: NatsClient) -> None:
     body = b"x" * (client.nc.max_payload - 8)  # under max_payload alone; over it with its Nats-Msg-Id
     with pytest.raises(LiquidNatsError):

@@ -118,6 +118,7 @@ class Expectations:
 TASKS_PREFIX = "orchestrator.tasks."
 RESULTS_PREFIX = "orchestrator.results."
 DLQ_PREFIX = "orchestrator.dlq."
+DLQ_RESULTS_PREFIX = "orchestrator.dlq.results."
 
 
 def classify(seen: Iterable[Seen], expect: Expectations) -> list[str]:
@@ -125,7 +126,8 @@ def classify(seen: Iterable[Seen], expect: Expectations) -> list[str]:
 
     A result ``orchestrator.results.S.P`` is the worker's when a task was published on
     ``orchestrator.tasks.S.P``; a dead letter ``orchestrator.dlq.T`` when a task was
-    published on ``orchestrator.tasks.T``. Per subject, the attacker's own messages are
+    published on ``orchestrator.tasks.T``; a result dead letter ``orchestrator.dlq.results.S.P``
+    when the attacker published a result on ``orchestrator.results.S.P``. Per subject, the attacker's own messages are
     matched first.
     """
     left = Counter(expect.attacker)
@@ -145,5 +147,7 @@ def classify(seen: Iterable[Seen], expect: Expectations) -> list[str]:
             continue
         if s.startswith(DLQ_PREFIX) and TASKS_PREFIX + s[len(DLQ_PREFIX) :] in expect.task_subjects:
             continue
+        if s.startswith(DLQ_RESULTS_PREFIX) and RESULTS_PREFIX + s[len(DLQ_RESULTS_PREFIX) :] in expect.attacker:
+            continue  # an unreadable result the attacker published, dead-lettered by the result reader
         out.append(f"unexpected publish on {s!r} ({msg.size} bytes, reply {msg.reply!r})")
     return out
