@@ -414,15 +414,17 @@ class PullConsumer:
                 self._wake.set()  # a request is complete: the loop may ask for more
 
     async def _on_msg(self, msg: Msg) -> None:
-        status = msg.headers.get(hdr.STATUS) if msg.headers else None
-        if not status:
-            if not msg.reply.startswith(_ACK_PREFIX):
-                # Not from JetStream: anyone who learns the inbox could send a "message"
-                # whose reply names any subject ($JS.API...), which an ack would publish to.
-                log.warning("%s: dropped a message on the inbox that JetStream did not send", self.name)
-                return
+        if msg.reply.startswith(_ACK_PREFIX):
+            # A delivery, whatever its headers: a stored message may carry a Status header
+            # of its own (any publisher can set one); only the server's replies lack $JS.ACK.
             self._release(1)
             await self._arrived(msg)
+            return
+        status = msg.headers.get(hdr.STATUS) if msg.headers else None
+        if not status:
+            # Not from JetStream: anyone who learns the inbox could send a "message"
+            # whose reply names any subject ($JS.API...), which an ack would publish to.
+            log.warning("%s: dropped a message on the inbox that JetStream did not send", self.name)
             return
         if status == "100":  # idle heartbeat
             return

@@ -185,7 +185,6 @@ async def test_a_task_cannot_publish_a_result_into_another_session(client: NatsC
 # -- finding E: a stored Status header hides a message from the pull consumers ---------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 fuzz finding E: a stored Status header is taken for a status message")
 async def test_a_task_with_a_status_header_is_still_run(client: NatsClient, attacker: Nats) -> None:
     ran: list[str] = []
 
@@ -203,7 +202,6 @@ async def test_a_task_with_a_status_header_is_still_run(client: NatsClient, atta
         await eventually(lambda: sorted(ran) == ["p100", "p409"], timeout=3, what="both tasks run")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 fuzz finding E: a stored Status header is taken for a status message")
 async def test_a_durable_task_with_a_status_header_is_still_handled(bus: A2ABus, attacker: Nats) -> None:
     got: list[str] = []
     await bus.subscribe_to_tasks("victim.tasks.>", lambda t: got.append(t.id), durable="victim-e")
