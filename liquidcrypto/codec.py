@@ -89,6 +89,8 @@ class Model(msgspec.Struct, frozen=True, kw_only=True):
             if isinstance(exc.__cause__, LiquidNatsError):
                 raise exc.__cause__ from None
             raise InvalidPayloadError(f"invalid {cls.__name__}: {exc}") from exc
+        except RecursionError as exc:  # msgspec's limit (~1,000 levels) is below orjson's (1,024)
+            raise InvalidPayloadError(f"invalid {cls.__name__}: nested too deeply ({exc})") from exc
 
     @classmethod
     def decode(cls, raw: bytes) -> Self:
@@ -123,7 +125,7 @@ class Model(msgspec.Struct, frozen=True, kw_only=True):
                 return None
         try:
             model: Self = decoder.decode(raw)
-        except msgspec.DecodeError:  # a ValidationError too
+        except (msgspec.DecodeError, RecursionError):  # DecodeError covers ValidationError
             return None
         return model
 

@@ -119,7 +119,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 DECODER = msgspec.json.Decoder(Envelope)
-DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError)
+DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)  # nesting past msgspec's limit
 # Accepted spellings of other producers (the TypeScript spec uses camelCase and ``payload``).
 _ALIASES = {
     "agentId": "agent_id", "taskId": "task_id", "correlationId": "correlation_id", "replyTo": "reply_to",
@@ -294,6 +294,8 @@ def decode(raw: bytes, subject: str, headers: Mapping[str, str] | None = None) -
         return msgspec.convert(obj, Envelope)
     except msgspec.ValidationError as exc:
         raise InvalidPayloadError(f"wrong-shaped envelope: {exc}") from exc
+    except RecursionError as exc:  # msgspec's limit (~1,000 levels) is below orjson's (1,024)
+        raise InvalidPayloadError(f"envelope nested too deeply to decode: {bytes(raw[:80])!r}") from exc
 
 
 def _fill_missing(obj: dict[str, Any], subject: str, headers: Mapping[str, str] | None) -> None:

@@ -62,3 +62,23 @@ def test_an_agent_card_keeps_its_extra_keys_in_the_bucket() -> None:
         registry.AgentCard.from_dict({"name": "x"})
     with pytest.raises(InvalidPayloadError, match="skills"):
         registry.AgentCard.from_dict({"id": "a", "skills": "x"})
+
+
+@pytest.mark.parametrize("depth", [999, 1_000, 1_020, 5_000])
+def test_json_nested_past_the_decoders_limits_is_decoded_or_invalid_payload(depth: int) -> None:
+    """msgspec's typed pass stops near 1,000 levels with RecursionError (the dict path then
+    decides), orjson stops at 1,024: deep nesting decodes or is bad input, nothing else."""
+    from liquidcrypto.a2a import envelope
+    from liquidcrypto.workqueue.models import OrchestratorTask
+
+    nested = b'{"a":' * depth + b"1" + b"}" * depth
+    reads = (
+        lambda: envelope.decode(b'{"data":' + nested + b"}", "agents.a.tasks.t"),
+        lambda: OrchestratorTask.decode(b'{"sessionId": "s", "subPrdId": "p", "payload":' + nested + b"}"),
+    )
+    for read in reads:
+        if depth < 1_024:
+            assert read() is not None
+        else:
+            with pytest.raises(InvalidPayloadError, match="depth limit"):
+                read()

@@ -120,7 +120,6 @@ async def test_a_subject_with_a_vertical_tab_does_not_drop_the_connection(
 NESTED = b'{"a":' * 5000 + b"1" + b"}" * 5000
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 fuzz finding B: RecursionError escapes the envelope decoder")
 async def test_deeply_nested_json_is_skipped_as_bad_input(
     client: NatsClient, bus: A2ABus, attacker: Nats, caplog: pytest.LogCaptureFixture
 ) -> None:
