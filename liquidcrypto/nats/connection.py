@@ -33,6 +33,7 @@ from nats.aio.client import Client as NatsConnection
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
+from liquidcrypto.nats import hooks
 from liquidcrypto.nats.options import describe, jittered_delay
 from liquidcrypto.nats.tasks import TaskSet
 
@@ -103,6 +104,7 @@ class Connection:
         """Start connecting; return once connected, or the first attempt failed, or the
         connect timeout passed (then degraded). Never raises because NATS is down."""
         self.state = ConnectionState.CONNECTING
+        hooks.strict_message_parser()  # a \v or \f in a subject must not drop the connection
         # nats-py retries the initial connect for ever when max_reconnect_attempts=-1;
         # run it as an owned task and stop waiting at the first failure.
         self._tasks.spawn(self._connect_loop(0), "nats-connect")

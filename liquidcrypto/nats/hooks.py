@@ -15,10 +15,16 @@ nats-py (2.9 to 2.16) has no public way to do three things this project needs:
   reading** — no message arrives until missed pings (~30 s) force a reconnect. Each
   abandoned future is replaced by a fresh placeholder (the queue stays in step with the
   PINGs sent).
+- ``strict_message_parser``: nats-py's ``MSG``/``HMSG`` patterns split on any whitespace,
+  which in bytes includes vertical tab (0x0b) and form feed (0x0c); nats-server allows both inside a subject,
+  so any client publishing to ``agents.a<VT>b.events.x`` made every matching subscriber's
+  parser fail ("malformed MSG") and drop its connection. The patterns are replaced by the
+  protocol's own separators (space and tab).
 
 Each access falls back to doing without when a nats-py release drops the attribute:
-the health report then shows no server id, the barrier is plain ``flush()``, and
-abandoned PONG futures are left as they are.
+the health report then shows no server id, the barrier is plain ``flush()``,
+abandoned PONG futures are left as they are, and the parser keeps its patterns (a warning
+says so).
 ``tests/nats/test_hooks.py`` exercises both paths.
 """
 
@@ -74,3 +80,29 @@ def forget_abandoned_pongs(nc: object) -> int:
             pongs[i] = asyncio.get_running_loop().create_future()
             replaced += 1
     return replaced
+
+
+# The protocol separates arguments with spaces or tabs (nats-server's parser); nothing else.
+_STRICT_MSG = rb"\AMSG[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?(\d+)\r\n"
+_STRICT_HMSG = (
+    rb"\AHMSG[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?(\d+)[ \t]+(\d+)\r\n"
+)
+
+
+def strict_message_parser() -> bool:
+    """Make nats-py's message parser split only on the protocol's separators (idempotent).
+
+    Returns ``False`` (and warns once) when the parser no longer has the patterns.
+    """
+    import re
+
+    from nats.protocol import parser
+
+    if getattr(parser, "MSG_RE", None) is None or getattr(parser, "HMSG_RE", None) is None:
+        if not getattr(strict_message_parser, "warned", False):
+            strict_message_parser.warned = True  # type: ignore[attr-defined]
+            log.warning("nats-py's parser has no MSG_RE/HMSG_RE: a subject holding 0x0b or 0x0c may drop connections")
+        return False
+    parser.MSG_RE = re.compile(_STRICT_MSG)
+    parser.HMSG_RE = re.compile(_STRICT_HMSG)
+    return True

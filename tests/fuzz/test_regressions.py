@@ -99,7 +99,6 @@ async def test_oversize_task_with_headers_is_refused_and_the_client_stays_health
 # -- finding A: a vertical tab or form feed in a subject drops the receiving connection ------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 fuzz finding A: \\x0b/\\x0c in a subject breaks nats-py's MSG parser")
 @pytest.mark.parametrize("char", ["\x0b", "\x0c"])
 async def test_a_subject_with_a_vertical_tab_does_not_drop_the_connection(
     client: NatsClient, bus: A2ABus, attacker: Nats, char: str

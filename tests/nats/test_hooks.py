@@ -108,3 +108,15 @@ def test_forget_abandoned_pongs_falls_back_to_nothing_without_the_attribute() ->
 
     assert hooks.forget_abandoned_pongs(Bare()) == 0
     assert hooks.forget_abandoned_pongs(Odd()) == 0
+
+
+def test_strict_message_parser_splits_only_on_space_and_tab(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nats.protocol import parser
+
+    assert hooks.strict_message_parser()
+    m = parser.MSG_RE.match(b"MSG a\x0bb 1 _INBOX.x 5\r\n")
+    assert m is not None and m.group(1) == b"a\x0bb" and m.group(4) == b"_INBOX.x"
+    h = parser.HMSG_RE.match(b"HMSG a\x0cb\t9 12 17\r\n")
+    assert h is not None and (h.group(1), h.group(2), h.group(5), h.group(6)) == (b"a\x0cb", b"9", b"12", b"17")
+    monkeypatch.delattr(parser, "MSG_RE")
+    assert hooks.strict_message_parser() is False  # a nats-py without the pattern: left alone
