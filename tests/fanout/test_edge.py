@@ -151,11 +151,11 @@ async def test_token_is_accepted_three_ways_and_never_logged(edge_nats: NatsServ
             page = await http.get(f"{svc.http}/?token={token}")
             assert page.status_code == 200
             replies = [
-                (await http.get(f"{svc.http}{path}?token={ops}")).text
-                for path in ("/metrics", "/api/v1/ws/stats")
+                (await http.get(f"{svc.http}{path}?token={ops}")).text for path in ("/metrics", "/api/v1/ws/stats")
             ]
             bearer = {"Authorization": f"Bearer {ops}"}
-            replies += [(await http.get(f"{svc.http}{p}", headers=bearer)).text for p in ("/metrics", "/api/v1/ws/stats")]
+            for path in ("/metrics", "/api/v1/ws/stats"):
+                replies.append((await http.get(f"{svc.http}{path}", headers=bearer)).text)
         assert "liquidcrypto_ws_clients" in replies[0] and '"clients"' in replies[1]
         output = svc.proc.output
         assert "WebSocket /ws" in output  # the access log is on...
@@ -170,9 +170,7 @@ async def test_token_is_accepted_three_ways_and_never_logged(edge_nats: NatsServ
 # -- item 5: JWT expiry mid-session, required exp, aud/iss ----------------------------
 
 
-async def test_jwt_session_is_closed_with_4001_when_the_token_expires(
-    edge_nats: NatsServer, tmp_path: Path
-) -> None:
+async def test_jwt_session_is_closed_with_4001_when_the_token_expires(edge_nats: NatsServer, tmp_path: Path) -> None:
     key = secrets.token_hex(32)
     env = {"WS_JWT_SECRET": key, "WS_JWT_LEEWAY": "0", "WS_JWT_AUDIENCE": "trades", "WS_JWT_ISSUER": "auth.example"}
     async with serve(edge_nats, tmp_path, env) as svc:
@@ -207,17 +205,17 @@ async def test_ops_endpoints_need_the_metrics_token_and_health_stays_public(
     edge_nats: NatsServer, tmp_path: Path
 ) -> None:
     ops = secrets.token_urlsafe(16)
-    async with serve(edge_nats, tmp_path, {"METRICS_TOKEN": ops, "WS_TOKEN": "other"}) as svc:
-        async with httpx.AsyncClient(base_url=svc.http) as http:
-            for path in ("/metrics", "/api/v1/ws/stats"):
-                assert (await http.get(path)).status_code == 401
-                assert (await http.get(path, params={"token": "other"})).status_code == 401
-                assert (await http.get(path, headers={"Authorization": "Bearer wrong"})).status_code == 401
-                assert (await http.get(path, params={"token": ops})).status_code == 200
-                assert (await http.get(path, headers={"Authorization": f"Bearer {ops}"})).status_code == 200
-            health = await http.get("/api/v1/nats/health")
-            assert health.status_code == 200 and health.json()["connected"] is True
-            assert (await http.get("/")).status_code == 200
+    env = {"METRICS_TOKEN": ops, "WS_TOKEN": "other"}
+    async with serve(edge_nats, tmp_path, env) as svc, httpx.AsyncClient(base_url=svc.http) as http:
+        for path in ("/metrics", "/api/v1/ws/stats"):
+            assert (await http.get(path)).status_code == 401
+            assert (await http.get(path, params={"token": "other"})).status_code == 401
+            assert (await http.get(path, headers={"Authorization": "Bearer wrong"})).status_code == 401
+            assert (await http.get(path, params={"token": ops})).status_code == 200
+            assert (await http.get(path, headers={"Authorization": f"Bearer {ops}"})).status_code == 200
+        health = await http.get("/api/v1/nats/health")
+        assert health.status_code == 200 and health.json()["connected"] is True
+        assert (await http.get("/")).status_code == 200
 
 
 async def test_error_frames_carry_no_internal_exception_text(tmp_path: Path) -> None:
