@@ -101,9 +101,8 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
 
 async def _expire(session: ClientSession, credential: auth.Credential) -> None:
     """Close the session with 4001 when its JWT expires (``exp`` + ``WS_JWT_LEEWAY``)."""
-    left = auth.seconds_left(credential)
-    if left is not None and left > 0:
-        await asyncio.sleep(left)
+    while (left := auth.seconds_left(credential)) is not None and left > 0:
+        await asyncio.sleep(min(left, 3600.0))  # re-read the wall clock at least hourly
     session.kick(CLOSE_TOKEN_EXPIRED, "token expired")
 
 

@@ -145,7 +145,7 @@ def test_edge_settings_are_read_and_checked() -> None:
     d = Settings.from_env({})
     assert (d.ws_ping_interval, d.ws_ping_timeout, d.ws_jwt_leeway) == (20.0, 20.0, 30.0)
     assert d.ws_allowed_origins == () and d.metrics_token is None
-    with pytest.raises(ValueError, match="WS_ALLOWED_ORIGINS: 'app.example'"):
+    with pytest.raises(ValueError, match=r"WS_ALLOWED_ORIGINS: 'app\.example'"):
         Settings.from_env({"WS_ALLOWED_ORIGINS": "app.example"})
     with pytest.raises(ValueError, match="WS_PING_INTERVAL=0"):
         Settings.from_env({"WS_PING_INTERVAL": "0"})

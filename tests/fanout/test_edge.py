@@ -5,7 +5,10 @@ expiry mid-session, the ops token, generic error frames and the ``Origin`` check
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -20,7 +23,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from liquidcrypto.nats.embedded import NatsServer, free_port
-from tests.fanout.support import WsClient
+from tests.fanout.support import ROOT, WsClient
 from tests.helpers import CliProcess, cli, wait_http
 
 MiB = 1024 * 1024
@@ -246,3 +249,28 @@ async def test_origin_is_checked_against_the_allowed_list(edge_nats: NatsServer,
             ok = await WsClient.connect(svc.ws, origin=origin)
             await ok.close()
         assert "origin 'https://evil.example' not allowed" in svc.proc.output
+
+
+async def test_token_is_redacted_under_plain_uvicorn_too(edge_nats: NatsServer, tmp_path: Path) -> None:
+    """``uvicorn liquidcrypto.app:create_app --factory`` configures its own log handlers."""
+    token = "tok-" + secrets.token_urlsafe(24)
+    port = free_port()
+    log_path = tmp_path / "uvicorn.log"
+    env = {**os.environ, "NATS_URL": edge_nats.url, "WS_TOKEN": token}
+    command = [sys.executable, "-m", "uvicorn", "liquidcrypto.app:create_app", "--factory", "--port", str(port)]
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([*command, "--log-level", "info"], env=env, cwd=ROOT, stdout=out, stderr=out)
+    try:
+        status, _ = await wait_http(f"http://127.0.0.1:{port}/api/v1/nats/health")
+        assert status == 200
+        client = await WsClient.connect(f"ws://127.0.0.1:{port}/ws?token={token}")
+        await client.close()
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"http://127.0.0.1:{port}/?token={token}")).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    log = log_path.read_text()
+    assert '"WebSocket /ws?token=[redacted]" [accepted]' in log
+    assert "GET /?token=[redacted]" in log
+    assert token not in log
