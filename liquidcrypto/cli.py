@@ -73,7 +73,7 @@ def nats_answers(url: str, timeout: float = 1.0) -> bool:
 def _run_service(settings: Settings, log_level: str) -> None:
     import uvicorn
 
-    from liquidcrypto.app import create_app
+    from liquidcrypto.app import create_app, uvicorn_options
 
     config = uvicorn.Config(
         create_app(settings),
@@ -81,11 +81,9 @@ def _run_service(settings: Settings, log_level: str) -> None:
         port=settings.port,
         log_level=log_level.lower(),
         log_config=None,
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
-        # Compressing every frame for every client separately costs more CPU than the
-        # small trade frames save in bytes; fan-out servers (Centrifugo too) leave it off.
-        ws_per_message_deflate=False,
+        # WS_MAX_FRAME_BYTES as the protocol layer's limit (close 1009 before buffering),
+        # WS_PING_INTERVAL/WS_PING_TIMEOUT keep-alive, compression off.
+        **uvicorn_options(settings),
     )
     uvicorn.Server(config).run()
 

@@ -34,6 +34,27 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
 
 
+def _positive(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False) -> float:
+    value = _float(env, name, default)
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "0 or more" if allow_zero else "more than 0"
+        raise ValueError(f"environment variable {name}={value:g} must be {bound} seconds")
+    return value
+
+
+def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of origins (``scheme://host[:port]``), normalised."""
+    out = []
+    for raw in (env.get(name) or "").split(","):
+        origin = raw.strip().rstrip("/").lower()
+        if not origin:
+            continue
+        if "://" not in origin or origin.count("/") != 2:
+            raise ValueError(f"environment variable {name}: {raw.strip()!r} is not an origin like https://host:port")
+        out.append(origin)
+    return tuple(out)
+
+
 def _str(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name)
     return raw if raw else None
@@ -72,6 +93,14 @@ class Settings:
     ws_publish_window: int = 1024
     ws_history_max: int = 10_000
     ws_max_bad_frames: int = 10
+    ws_ping_interval: float = 20.0
+    ws_ping_timeout: float = 20.0
+    ws_jwt_leeway: float = 30.0
+    ws_jwt_audience: str | None = None
+    ws_jwt_issuer: str | None = None
+    ws_allowed_origins: tuple[str, ...] = ()
+    metrics_token: str | None = None
+    dashboard_token_origins: tuple[str, ...] = ()
     a2a_agent_ttl: float = 30.0
     a2a_heartbeat_interval: float = 10.0
     gc_gen0_threshold: int = 50_000
@@ -123,6 +152,14 @@ class Settings:
             ws_publish_window=_int(e, "WS_PUBLISH_WINDOW", 1024),
             ws_history_max=_int(e, "WS_HISTORY_MAX", 10_000),
             ws_max_bad_frames=_int(e, "WS_MAX_BAD_FRAMES", 10),
+            ws_ping_interval=_positive(e, "WS_PING_INTERVAL", 20.0),
+            ws_ping_timeout=_positive(e, "WS_PING_TIMEOUT", 20.0),
+            ws_jwt_leeway=_positive(e, "WS_JWT_LEEWAY", 30.0, allow_zero=True),
+            ws_jwt_audience=_str(e, "WS_JWT_AUDIENCE"),
+            ws_jwt_issuer=_str(e, "WS_JWT_ISSUER"),
+            ws_allowed_origins=_origins(e, "WS_ALLOWED_ORIGINS"),
+            metrics_token=_str(e, "METRICS_TOKEN"),
+            dashboard_token_origins=_origins(e, "DASHBOARD_TOKEN_ORIGINS"),
             a2a_agent_ttl=_float(e, "A2A_AGENT_TTL", 30.0),
             a2a_heartbeat_interval=_float(e, "A2A_HEARTBEAT_INTERVAL", 10.0),
             gc_gen0_threshold=_int(e, "GC_GEN0_THRESHOLD", 50_000),

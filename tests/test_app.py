@@ -6,7 +6,7 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from liquidcrypto.app import create_app
+from liquidcrypto.app import create_app, uvicorn_options
 from liquidcrypto.config import Settings
 from liquidcrypto.nats.embedded import NatsServer, free_port
 from tests.helpers import cli, eventually, http_get_json, wait_http
@@ -89,3 +89,26 @@ def test_metrics_show_the_connection(nats_server: NatsServer) -> None:
         assert "liquidcrypto_nats_connected 1.0" in text
         assert "liquidcrypto_nats_reconnects_total" in text
         assert "liquidcrypto_nats_slow_consumer_events_total" in text
+
+
+def test_uvicorn_options_come_from_the_settings() -> None:
+    s = Settings(ws_max_frame_bytes=4096, ws_ping_interval=5.0, ws_ping_timeout=7.0)
+    assert uvicorn_options(s) == {
+        "ws_max_size": 4096,
+        "ws_ping_interval": 5.0,
+        "ws_ping_timeout": 7.0,
+        "ws_per_message_deflate": False,
+    }
+
+
+def test_ops_endpoints_are_open_without_metrics_token_and_the_page_is_hardened(nats_server: NatsServer) -> None:
+    hostile = 'https://b.example"><script>alert(1)</script>'
+    settings = Settings(nats_url=nats_server.url, dashboard_token_origins=(hostile,))
+    with TestClient(create_app(settings)) as http:
+        assert http.get("/metrics").status_code == 200
+        assert http.get("/api/v1/ws/stats").status_code == 200
+        page = http.get("/")
+        assert page.headers["referrer-policy"] == "no-referrer"
+        assert "<script>alert(1)</script>" not in page.text
+        escaped = "[&quot;https://b.example\\&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;&quot;]"
+        assert f'<meta name="token-origins" content="{escaped}">' in page.text

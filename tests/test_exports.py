@@ -45,8 +45,14 @@ def test_component_packages_are_not_a_second_door(package: str) -> None:
 
 @pytest.mark.parametrize(
     "old",
-    ["liquidcrypto.nats.a2a_bus", "liquidcrypto.nats.a2a", "liquidcrypto.nats.work_queue", "liquidcrypto.nats.wq",
-     "liquidcrypto.websocket_nats", "liquidcrypto.ws"],
+    [
+        "liquidcrypto.nats.a2a_bus",
+        "liquidcrypto.nats.a2a",
+        "liquidcrypto.nats.work_queue",
+        "liquidcrypto.nats.wq",
+        "liquidcrypto.websocket_nats",
+        "liquidcrypto.ws",
+    ],
 )
 def test_the_old_facades_are_gone(old: str) -> None:
     with pytest.raises(ModuleNotFoundError):

@@ -131,8 +131,15 @@ class A2ABus:
     # -- publishing ------------------------------------------------------------
 
     async def publish_task(
-        self, agent_id: str, task_type: str, task: Any = None, *, id: str | None = None, ack: bool = True,
-        timeout: float = 5.0, reply_to: str | None = None,
+        self,
+        agent_id: str,
+        task_type: str,
+        task: Any = None,
+        *,
+        id: str | None = None,
+        ack: bool = True,
+        timeout: float = 5.0,
+        reply_to: str | None = None,
     ) -> int | None:
         """Send a task to ``agents.{agent_id}.tasks.{task_type}``.
 
@@ -166,14 +173,28 @@ class A2ABus:
         given_id, data, correlation, metadata = env_mod.task_fields(task, id)
         msg_id = given_id or env_mod.new_id()
         payload = env_mod.encode(
-            id=msg_id, kind=Kind.TASK, agent_id=agent_id, type=task_type, data=data,
-            correlation_id=correlation, reply_to=reply_to, metadata=metadata,
+            id=msg_id,
+            kind=Kind.TASK,
+            agent_id=agent_id,
+            type=task_type,
+            data=data,
+            correlation_id=correlation,
+            reply_to=reply_to,
+            metadata=metadata,
         )
         return await self._publish(subject, payload, msg_id, Kind.TASK, ack, timeout, given_id is not None)
 
     async def publish_event(
-        self, agent_id: str, event_type: str, data: Any = None, *, task_id: str | None = None,
-        correlation_id: str | None = None, id: str | None = None, ack: bool = True, timeout: float = 5.0,
+        self,
+        agent_id: str,
+        event_type: str,
+        data: Any = None,
+        *,
+        task_id: str | None = None,
+        correlation_id: str | None = None,
+        id: str | None = None,
+        ack: bool = True,
+        timeout: float = 5.0,
     ) -> int | None:
         """Publish an event of ``agent_id`` on ``agents.{agent_id}.events.{event_type}``.
 
@@ -183,21 +204,36 @@ class A2ABus:
         subject = _event_subject(agent_id, event_type)
         msg_id = env_mod.new_id() if id is None else env_mod.check_id(id, "event id")
         payload = env_mod.encode(
-            id=msg_id, kind=Kind.EVENT, agent_id=agent_id, type=event_type, data=data, task_id=task_id,
+            id=msg_id,
+            kind=Kind.EVENT,
+            agent_id=agent_id,
+            type=event_type,
+            data=data,
+            task_id=task_id,
             correlation_id=correlation_id,
         )
         return await self._publish(subject, payload, msg_id, Kind.EVENT, ack, timeout, id is not None)
 
     async def publish_system_event(
-        self, event_type: str, data: Any = None, *, task_id: str | None = None, id: str | None = None,
-        ack: bool = True, timeout: float = 5.0,
+        self,
+        event_type: str,
+        data: Any = None,
+        *,
+        task_id: str | None = None,
+        id: str | None = None,
+        ack: bool = True,
+        timeout: float = 5.0,
     ) -> int | None:
         """Publish a system-wide event on ``system.events.{event_type}`` (``agent_id`` is
         ``"system"``). Returns and raises as ``publish_task``."""
         subject = subjects.system_event(event_type)
         msg_id = env_mod.new_id() if id is None else env_mod.check_id(id, "event id")
         payload = env_mod.encode(
-            id=msg_id, kind=Kind.SYSTEM, agent_id=SYSTEM_AGENT, type=event_type, data=data,
+            id=msg_id,
+            kind=Kind.SYSTEM,
+            agent_id=SYSTEM_AGENT,
+            type=event_type,
+            data=data,
             task_id=task_id,
         )
         return await self._publish(subject, payload, msg_id, Kind.SYSTEM, ack, timeout, id is not None)
@@ -220,8 +256,13 @@ class A2ABus:
         given_id, data, correlation, metadata = env_mod.task_fields(task, id)
         msg_id = given_id or env_mod.new_id()
         payload = env_mod.encode(
-            id=msg_id, kind=Kind.TASK, agent_id=agent_id, type=task_type, data=data,
-            correlation_id=correlation, metadata=metadata,
+            id=msg_id,
+            kind=Kind.TASK,
+            agent_id=agent_id,
+            type=task_type,
+            data=data,
+            correlation_id=correlation,
+            metadata=metadata,
         )
         try:
             fut = await self.client.js_publish_async_raw(subject, payload, {hdr.MSG_ID: msg_id}, stall=stall)
@@ -279,8 +320,14 @@ class A2ABus:
     # -- subscribing -----------------------------------------------------------
 
     async def subscribe_to_tasks(
-        self, pattern: str, handler: Handler, queue: str | None = None, durable: str | None = None, *,
-        batch: int = DEFAULT_BATCH, ack_wait: float = DEFAULT_ACK_WAIT,
+        self,
+        pattern: str,
+        handler: Handler,
+        queue: str | None = None,
+        durable: str | None = None,
+        *,
+        batch: int = DEFAULT_BATCH,
+        ack_wait: float = DEFAULT_ACK_WAIT,
         max_deliver: int = DEFAULT_MAX_DELIVER,
     ) -> Subscription | DurableSubscription:
         """Handle tasks matching ``pattern`` (relative to ``agents.``: ``"trading-agent.tasks.*"``).
@@ -317,8 +364,13 @@ class A2ABus:
             return sub
         subjects.token(durable, "durable name")
         dsub = DurableSubscription(
-            self.client, durable=durable, filter_subject=subject, handler=handler, batch=batch,
-            ack_wait=ack_wait, max_deliver=max_deliver,
+            self.client,
+            durable=durable,
+            filter_subject=subject,
+            handler=handler,
+            batch=batch,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
         )
         await dsub.start()
         self._durables.add(dsub)
@@ -404,9 +456,7 @@ class A2ABus:
 
     # -- request / reply -------------------------------------------------------
 
-    async def request_agent(
-        self, agent_id: str, task_type: str, task: Any = None, timeout: float = 5.0
-    ) -> Any:
+    async def request_agent(self, agent_id: str, task_type: str, task: Any = None, timeout: float = 5.0) -> Any:
         """Send a task and wait for the handler's ``reply(...)`` (or non-``None`` return).
 
         Returns:
@@ -432,8 +482,13 @@ class A2ABus:
         return self._states
 
     async def update_task_state(
-        self, task_id: str, state: TaskState | str, *, agent_id: str | None = None,
-        message: str | None = None, data: Any = None,
+        self,
+        task_id: str,
+        state: TaskState | str,
+        *,
+        agent_id: str | None = None,
+        message: str | None = None,
+        data: Any = None,
     ) -> TaskStateChange:
         """Move a task to ``state`` and publish ``system.events.task_state_changed``.
 
@@ -448,12 +503,12 @@ class A2ABus:
         """
         self._check_open()
         new_state = TaskState(state)
-        change = await self._state_store().commit(
-            task_id, new_state, agent_id=agent_id, message=message, data=data
-        )
+        change = await self._state_store().commit(task_id, new_state, agent_id=agent_id, message=message, data=data)
         try:
             await self.publish_system_event(
-                TASK_STATE_CHANGED, change.to_dict(), task_id=task_id,
+                TASK_STATE_CHANGED,
+                change.to_dict(),
+                task_id=task_id,
                 id=f"{task_id}:state:{change.seq}",
             )
         except NatsUnavailableError as exc:
@@ -480,15 +535,15 @@ class A2ABus:
         if self._registry is None:
             s = self.client.settings
             self._registry = AgentRegistry(
-                self.client, ttl=s.a2a_agent_ttl, interval=s.a2a_heartbeat_interval,
+                self.client,
+                ttl=s.a2a_agent_ttl,
+                interval=s.a2a_heartbeat_interval,
                 beat=self._publish_heartbeat,
                 closed=lambda: self._closed or self.client.state is ConnectionState.CLOSED,
             )
         return self._registry
 
-    async def register_agent(
-        self, card: AgentCard | Mapping[str, Any], *, heartbeat: bool = True
-    ) -> AgentCard:
+    async def register_agent(self, card: AgentCard | Mapping[str, Any], *, heartbeat: bool = True) -> AgentCard:
         """Store an agent card in the registry and keep it live with heartbeats.
 
         Raises:
@@ -513,9 +568,7 @@ class A2ABus:
     async def _publish_heartbeat(self, agent_id: str, status: dict[str, Any] | None) -> None:
         subject = subjects.agent_heartbeat(agent_id)
         payload_id = env_mod.new_id()
-        payload = env_mod.encode(
-            id=payload_id, kind=Kind.HEARTBEAT, agent_id=agent_id, type="heartbeat", data=status
-        )
+        payload = env_mod.encode(id=payload_id, kind=Kind.HEARTBEAT, agent_id=agent_id, type="heartbeat", data=status)
         await self._publish(subject, payload, payload_id, Kind.HEARTBEAT, False, 5.0, False)
 
 

@@ -89,8 +89,16 @@ class DurableSubscription:
         # heartbeats marks a running message well before its ack_wait runs out, whatever
         # the phase of the beat relative to the handler's start.
         self._pull = PullConsumer(
-            client, streams.A2A_TASKS, self._process, self.ensure_consumer, capacity=batch, concurrency=1,
-            ack_wait=ack_wait, heartbeats=4, stop_timeout=STOP_TIMEOUT, name=f"durable {durable} on {filter_subject}",
+            client,
+            streams.A2A_TASKS,
+            self._process,
+            self.ensure_consumer,
+            capacity=batch,
+            concurrency=1,
+            ack_wait=ack_wait,
+            heartbeats=4,
+            stop_timeout=STOP_TIMEOUT,
+            name=f"durable {durable} on {filter_subject}",
         )
 
     @property
@@ -161,7 +169,10 @@ class DurableSubscription:
                 metrics.GAVE_UP.inc()
                 log.error(
                     "durable %s: giving up on task %.80r (%s) after %d attempts; terminated",
-                    self.durable, envelope.id, msg.subject, attempt,
+                    self.durable,
+                    envelope.id,
+                    msg.subject,
+                    attempt,
                 )
                 await _quietly(msg.term(), "term")
                 return
@@ -187,7 +198,11 @@ class DurableSubscription:
             metrics.HANDLER_ERRORS.labels("durable").inc()
             log.exception(
                 "durable %s: handler failed on %s (task %.80r), attempt %d of %d",
-                self.durable, msg.subject, envelope.id, attempt, self.max_deliver,
+                self.durable,
+                msg.subject,
+                envelope.id,
+                attempt,
+                self.max_deliver,
             )
             return False
         finally:

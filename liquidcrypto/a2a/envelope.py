@@ -122,7 +122,10 @@ DECODER = msgspec.json.Decoder(Envelope)
 DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)  # nesting past msgspec's limit
 # Accepted spellings of other producers (the TypeScript spec uses camelCase and ``payload``).
 _ALIASES = {
-    "agentId": "agent_id", "taskId": "task_id", "correlationId": "correlation_id", "replyTo": "reply_to",
+    "agentId": "agent_id",
+    "taskId": "task_id",
+    "correlationId": "correlation_id",
+    "replyTo": "reply_to",
     "payload": "data",
 }
 
@@ -149,9 +152,7 @@ def check_id(value: object, what: str = "id") -> str:
     return value
 
 
-def task_fields(
-    task: Any, id: str | None = None
-) -> tuple[str | None, Any, str | None, dict[str, Any] | None]:
+def task_fields(task: Any, id: str | None = None) -> tuple[str | None, Any, str | None, dict[str, Any] | None]:
     """(the caller's id or None, data, correlation_id, metadata) of what was passed as a task
     to ``publish_task`` (see there), and its ``id=``.
 
@@ -240,8 +241,13 @@ def encode(
 def _head(kind: Kind, agent_id: str, type_: str) -> bytes:
     """``{"kind":...,"agent_id":...,"type":...,"id":`` for one (kind, agent, type)."""
     return (
-        b'{"kind":' + orjson.dumps(kind.value) + b',"agent_id":' + orjson.dumps(agent_id)
-        + b',"type":' + orjson.dumps(type_) + b',"id":'
+        b'{"kind":'
+        + orjson.dumps(kind.value)
+        + b',"agent_id":'
+        + orjson.dumps(agent_id)
+        + b',"type":'
+        + orjson.dumps(type_)
+        + b',"id":'
     )
 
 

@@ -74,9 +74,7 @@ TRANSITIONS: dict[TaskState | None, frozenset[TaskState]] = {
     _S.SUBMITTED: frozenset(
         {_S.WORKING, _S.INPUT_REQUIRED, _S.AUTH_REQUIRED, _S.COMPLETED, _S.FAILED, _S.CANCELED, _S.REJECTED}
     ),
-    _S.WORKING: frozenset(
-        {_S.WORKING, _S.INPUT_REQUIRED, _S.AUTH_REQUIRED, _S.COMPLETED, _S.FAILED, _S.CANCELED}
-    ),
+    _S.WORKING: frozenset({_S.WORKING, _S.INPUT_REQUIRED, _S.AUTH_REQUIRED, _S.COMPLETED, _S.FAILED, _S.CANCELED}),
     _S.INPUT_REQUIRED: frozenset({_S.WORKING, _S.COMPLETED, _S.FAILED, _S.CANCELED}),
     _S.AUTH_REQUIRED: frozenset({_S.WORKING, _S.FAILED, _S.CANCELED, _S.REJECTED}),
 }
@@ -240,9 +238,7 @@ class TaskStateStore:
                 log.debug("task %s changed concurrently; retrying the state change", task_id)
                 continue
             return change
-        raise IllegalTransitionError(
-            f"task {task_id!r}: gave up after {_CAS_ATTEMPTS} concurrent state changes"
-        )
+        raise IllegalTransitionError(f"task {task_id!r}: gave up after {_CAS_ATTEMPTS} concurrent state changes")
 
     async def watch(self, task_id: str, since_seq: int | None = None) -> AsyncIterator[TaskStateChange]:
         """Yield the task's changes after ``since_seq`` in order, then live ones.

@@ -36,23 +36,15 @@ PUBLISH_FAILURES = Counter(
     "liquidcrypto_a2a_publish_failures_total",
     "A2A publishes that JetStream did not acknowledge (raised, or logged for async acks)",
 )
-HANDLER_ERRORS = Counter(
-    "liquidcrypto_a2a_handler_errors_total", "A2A handler calls that raised", ["mode"]
-)
+HANDLER_ERRORS = Counter("liquidcrypto_a2a_handler_errors_total", "A2A handler calls that raised", ["mode"])
 SKIPPED = Counter(
     "liquidcrypto_a2a_skipped_total",
     "A2A messages skipped (core) or terminated (durable) because they are not valid envelopes",
     ["mode"],
 )
-REDELIVERIES = Counter(
-    "liquidcrypto_a2a_redeliveries_total", "Durable A2A messages delivered more than once"
-)
-GAVE_UP = Counter(
-    "liquidcrypto_a2a_gave_up_total", "Durable A2A messages terminated after max_deliver failed attempts"
-)
-HANDLER_SECONDS = Histogram(
-    "liquidcrypto_a2a_durable_handler_seconds", "Time in a durable A2A handler per message"
-)
+REDELIVERIES = Counter("liquidcrypto_a2a_redeliveries_total", "Durable A2A messages delivered more than once")
+GAVE_UP = Counter("liquidcrypto_a2a_gave_up_total", "Durable A2A messages terminated after max_deliver failed attempts")
+HANDLER_SECONDS = Histogram("liquidcrypto_a2a_durable_handler_seconds", "Time in a durable A2A handler per message")
 REPLIES_REFUSED = Counter(
     "liquidcrypto_a2a_replies_refused_total",
     "Replies not published because the task's reply_to is not a literal subject under the inbox prefix",

@@ -130,7 +130,12 @@ class AgentRegistry:
     """Cards in the bucket plus one owned heartbeat task per locally registered agent."""
 
     def __init__(
-        self, client: NatsClient, *, ttl: float, interval: float, beat: Beat,
+        self,
+        client: NatsClient,
+        *,
+        ttl: float,
+        interval: float,
+        beat: Beat,
         closed: Callable[[], bool] = lambda: False,
     ) -> None:
         """

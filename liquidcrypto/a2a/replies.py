@@ -88,7 +88,11 @@ def _refuse(envelope: Envelope, subject: str, reason: str) -> None:
     log.warning(
         "refused to reply to %.80r for task %.80r on %s: %s (replies go only to a literal subject under the "
         "inbox prefix); %d more refused since the last warning",
-        envelope.reply_to, envelope.id, subject, _REASONS[reason], since,
+        envelope.reply_to,
+        envelope.id,
+        subject,
+        _REASONS[reason],
+        since,
     )
 
 
@@ -119,8 +123,13 @@ class _ReplyTarget:
             _refuse(e, self.subject, reason)
             return False
         payload = env_mod.encode(
-            id=env_mod.new_id(), kind=Kind.REPLY, agent_id=e.agent_id, type=e.type, data=data,
-            task_id=e.task_id or e.id, correlation_id=e.id,
+            id=env_mod.new_id(),
+            kind=Kind.REPLY,
+            agent_id=e.agent_id,
+            type=e.type,
+            data=data,
+            task_id=e.task_id or e.id,
+            correlation_id=e.id,
         )
         await self.client.publish_raw(e.reply_to, payload)
         self.replied = self.settled = True

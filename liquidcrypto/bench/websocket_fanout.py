@@ -416,9 +416,9 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], list[str]]:
                         return int(r.json()["sent"])
 
                 for n in args.clients:
-                    results.append(await run_case(
-                        "in-process", [app], n, args.rate, args.seconds, publish_inside, args.batch
-                    ))
+                    results.append(
+                        await run_case("in-process", [app], n, args.rate, args.seconds, publish_inside, args.batch)
+                    )
 
         srv = NatsServer(tmp / "nats")
         srv.start()

@@ -59,8 +59,14 @@ async def bench_liquidcrypto(url: str, n: int, concurrency: int) -> float:
         stop = await wq.start_orchestrator_worker(noop, concurrency=concurrency)
         session = uuid.uuid4().hex[:12]
         start = time.perf_counter()
-        enq = asyncio.create_task(_enqueue_all(n, lambda i: wq.enqueue_orchestrator_task(
-            {"sessionId": session, "subPrdId": f"t{i}", "payload": {"i": i}})))
+        enq = asyncio.create_task(
+            _enqueue_all(
+                n,
+                lambda i: wq.enqueue_orchestrator_task(
+                    {"sessionId": session, "subPrdId": f"t{i}", "payload": {"i": i}}
+                ),
+            )
+        )
         results = await wq.collect_results(session, n, timeout=300.0)
         elapsed = time.perf_counter() - start
         await enq
@@ -74,15 +80,26 @@ async def bench_raw(url: str, n: int, concurrency: int) -> float:
     """Tasks/s of the same loop on plain nats-py."""
     nc = await nats.connect(url)
     js = nc.jetstream(timeout=5)
-    await js.add_stream(StreamConfig(
-        name=RAW_STREAM, subjects=["raw.tasks.>", "raw.results.>"], retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE, duplicate_window=3600.0,
-    ))
+    await js.add_stream(
+        StreamConfig(
+            name=RAW_STREAM,
+            subjects=["raw.tasks.>", "raw.results.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=3600.0,
+        )
+    )
     durable = "raw-workers"
-    await js.add_consumer(RAW_STREAM, ConsumerConfig(
-        durable_name=durable, filter_subject="raw.tasks.>", ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0,
-        max_ack_pending=10_000,
-    ))
+    await js.add_consumer(
+        RAW_STREAM,
+        ConsumerConfig(
+            durable_name=durable,
+            filter_subject="raw.tasks.>",
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_ack_pending=10_000,
+        ),
+    )
     running = True
 
     async def worker() -> None:
@@ -94,10 +111,17 @@ async def bench_raw(url: str, n: int, concurrency: int) -> float:
                 continue
             for msg in msgs:
                 task = orjson.loads(msg.data)
-                result = {"sessionId": task["sessionId"], "subPrdId": task["subPrdId"], "success": True,
-                          "completedAt": int(time.time() * 1000)}
-                await js.publish(f"raw.results.{task['sessionId']}.{task['subPrdId']}", orjson.dumps(result),
-                                 headers={"Nats-Msg-Id": "result." + (msg.headers or {})["Nats-Msg-Id"]})
+                result = {
+                    "sessionId": task["sessionId"],
+                    "subPrdId": task["subPrdId"],
+                    "success": True,
+                    "completedAt": int(time.time() * 1000),
+                }
+                await js.publish(
+                    f"raw.results.{task['sessionId']}.{task['subPrdId']}",
+                    orjson.dumps(result),
+                    headers={"Nats-Msg-Id": "result." + (msg.headers or {})["Nats-Msg-Id"]},
+                )
                 await msg.ack_sync()
         await psub.unsubscribe()
 
@@ -113,14 +137,17 @@ async def bench_raw(url: str, n: int, concurrency: int) -> float:
             all_in.set()
 
     # The idiomatic fast collector on plain nats-py: a push consumer with a callback.
-    collector = await js.subscribe(f"raw.results.{session}.>", stream=RAW_STREAM, cb=on_result, manual_ack=True,
-                                   config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1))
+    collector = await js.subscribe(
+        f"raw.results.{session}.>",
+        stream=RAW_STREAM,
+        cb=on_result,
+        manual_ack=True,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1),
+    )
 
     async def enqueue(i: int) -> None:
-        body = {"sessionId": session, "subPrdId": f"t{i}", "payload": {"i": i},
-                "createdAt": int(time.time() * 1000)}
-        await js.publish(f"raw.tasks.{session}.t{i}", orjson.dumps(body),
-                         headers={"Nats-Msg-Id": f"{session}.t{i}"})
+        body = {"sessionId": session, "subPrdId": f"t{i}", "payload": {"i": i}, "createdAt": int(time.time() * 1000)}
+        await js.publish(f"raw.tasks.{session}.t{i}", orjson.dumps(body), headers={"Nats-Msg-Id": f"{session}.t{i}"})
 
     start = time.perf_counter()
     enq = asyncio.create_task(_enqueue_all(n, enqueue))

@@ -1,65 +1,131 @@
-"""Optional authentication of ``/ws`` clients (off by default).
+"""Optional authentication of ``/ws`` clients and of the ops endpoints (off by default).
 
-- ``WS_TOKEN``: a shared secret; the client sends it as ``?token=...`` or
-  ``Authorization: Bearer ...``.
-- ``WS_JWT_SECRET``: the client sends a JWT signed with HS256 and this secret, in the same
-  places; its signature, ``exp`` and ``nbf`` are checked (``alg`` must be ``HS256``:
-  ``none`` and other algorithms are refused).
+- ``WS_TOKEN``: a shared secret.
+- ``WS_JWT_SECRET``: the key of HS256 JWTs, verified with PyJWT: signature, ``alg``
+  (only ``HS256``; ``none`` and every other algorithm are refused), ``exp`` (required),
+  ``nbf`` and ``iat`` with ``WS_JWT_LEEWAY`` seconds of leeway, ``aud`` when
+  ``WS_JWT_AUDIENCE`` is set and ``iss`` when ``WS_JWT_ISSUER`` is set. A session admitted
+  by a JWT is closed with 4001 when the JWT expires (``Credential.expires_at``).
 
-With either or both set, a client is admitted if one of them matches. Tokens are
-compared in constant time and never logged.
+With either or both set, a client is admitted if one of them matches. A client presents
+its token in one of three places, looked at in this order:
+
+1. ``Authorization: Bearer <token>`` (servers, CLIs);
+2. the WebSocket subprotocol list ``["liquidcrypto", "bearer.<token>"]`` (browsers,
+   which cannot set headers: ``new WebSocket(url, ["liquidcrypto", "bearer." + token])``);
+   the server selects ``liquidcrypto`` and never echoes the token. Kubernetes carries
+   bearer tokens the same way (``base64url.bearer.authorization.k8s.io.<token>``);
+3. ``?token=<token>`` (kept for old clients; the query string is redacted from logs).
+
+Tokens are compared in constant time and never logged, counted or sent back.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import orjson
+import jwt
+
+SUBPROTOCOL = "liquidcrypto"
+BEARER_PREFIX = "bearer."
 
 
-def _b64decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+@dataclass(frozen=True)
+class Credential:
+    """What admitted a client: ``kind`` is ``none``, ``token`` or ``jwt``.
+
+    ``expires_at`` (Unix time, leeway included) is set for a JWT: the session ends then.
+    """
+
+    kind: str
+    expires_at: float | None = None
 
 
-def jwt_valid(token: str, secret: str, *, now: float | None = None, leeway: float = 30.0) -> bool:
-    """Whether ``token`` is an HS256 JWT signed with ``secret`` and valid at ``now``."""
+def jwt_claims(
+    token: str,
+    secret: str,
+    *,
+    leeway: float = 30.0,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> dict[str, Any] | None:
+    """The claims of ``token`` when it is a valid HS256 JWT signed with ``secret``, else ``None``.
+
+    ``exp`` is required; ``aud`` and ``iss`` are checked when ``audience``/``issuer`` are given.
+    """
+    if not token or token.count(".") != 2:
+        return None
     try:
-        header_b64, payload_b64, signature_b64 = token.split(".")
-        header: Any = orjson.loads(_b64decode(header_b64))
-        claims: Any = orjson.loads(_b64decode(payload_b64))
-        signature = _b64decode(signature_b64)
-    except (ValueError, binascii.Error, orjson.JSONDecodeError):
-        return False
-    if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
-        return False
-    expected = hmac.new(secret.encode(), f"{header_b64}.{payload_b64}".encode(), hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, signature):
-        return False
-    t = time.time() if now is None else now
-    exp, nbf = claims.get("exp"), claims.get("nbf")
-    if exp is not None and (not isinstance(exp, int | float) or t > exp + leeway):
-        return False
-    return not (nbf is not None and (not isinstance(nbf, int | float) or t < nbf - leeway))
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            secret,
+            algorithms=["HS256"],
+            leeway=leeway,
+            audience=audience,
+            issuer=issuer,
+            options={"require": ["exp"], "verify_aud": audience is not None, "verify_iss": issuer is not None},
+        )
+    except jwt.PyJWTError:
+        return None
+    return claims
 
 
-def presented_token(query: Mapping[str, str], headers: Mapping[str, str]) -> str:
-    """The token a client sent: ``Authorization: Bearer`` first, then ``?token=``."""
+def token_matches(given: str, expected: str | None) -> bool:
+    """Constant-time comparison; never true for an empty ``expected``."""
+    return bool(expected) and hmac.compare_digest(given.encode(), (expected or "").encode())
+
+
+def bearer_header(headers: Mapping[str, str]) -> str:
+    """The token of an ``Authorization: Bearer`` header, or ``""``."""
     header = headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
+def presented_token(query: Mapping[str, str], headers: Mapping[str, str], subprotocols: Sequence[str] = ()) -> str:
+    """The token a client sent: the Bearer header, then a ``bearer.`` subprotocol, then ``?token=``."""
+    if token := bearer_header(headers):
+        return token
+    for proto in subprotocols:
+        if proto[: len(BEARER_PREFIX)].lower() == BEARER_PREFIX:
+            return proto[len(BEARER_PREFIX) :]
     return query.get("token") or ""
 
 
-def authorised(given: str, *, token: str | None, jwt_secret: str | None) -> bool:
-    """Whether ``given`` admits the client; always true when no auth is configured."""
+def selected_subprotocol(subprotocols: Sequence[str]) -> str | None:
+    """The subprotocol the server answers with: ``liquidcrypto`` when offered (never a token)."""
+    return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
+
+
+def authenticate(
+    given: str,
+    *,
+    token: str | None,
+    jwt_secret: str | None,
+    leeway: float = 30.0,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> Credential | None:
+    """The credential ``given`` proves, or ``None`` when the client must be refused.
+
+    Always ``Credential("none")`` when no authentication is configured.
+    """
     if not token and not jwt_secret:
-        return True
-    if token and hmac.compare_digest(given.encode(), token.encode()):
-        return True
-    return bool(jwt_secret) and jwt_valid(given, jwt_secret or "")
+        return Credential("none")
+    if token_matches(given, token):
+        return Credential("token")
+    if jwt_secret:
+        claims = jwt_claims(given, jwt_secret, leeway=leeway, audience=audience, issuer=issuer)
+        if claims is not None:
+            return Credential("jwt", expires_at=float(claims["exp"]) + leeway)
+    return None
+
+
+def seconds_left(credential: Credential, now: float | None = None) -> float | None:
+    """Seconds until ``credential`` expires (``None``: never)."""
+    if credential.expires_at is None:
+        return None
+    return credential.expires_at - (time.time() if now is None else now)

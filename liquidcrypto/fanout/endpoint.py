@@ -1,4 +1,9 @@
-"""The ``/ws`` endpoint: authentication, limits, reading client frames, closing.
+"""The ``/ws`` endpoint: origin check, authentication, limits, reading client frames, closing.
+
+Before accepting, the ``Origin`` header is checked against ``WS_ALLOWED_ORIGINS`` (when
+set; a request without ``Origin`` is not from a browser and passes) and the token against
+``WS_TOKEN``/``WS_JWT_SECRET`` (see ``auth``); either failing refuses the handshake (HTTP
+403). A session admitted by a JWT is closed with 4001 when the JWT expires.
 
 Per connection: one reader (this coroutine), one writer task draining the session's
 queue, and a replay task per history request; all are owned by the session and
@@ -23,6 +28,7 @@ from liquidcrypto.fanout.session import CLOSE_POLICY, CLOSE_TRY_AGAIN, ClientSes
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 2.0
+CLOSE_TOKEN_EXPIRED = 4001
 BATCH_ON = frozenset({"1", "true", "yes", "on"})
 
 
@@ -31,13 +37,28 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     manager: NatsWebSocketManager = websocket.app.state.ws_manager
     settings = manager.settings
     peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "ws-client"
-    given = auth.presented_token(websocket.query_params, websocket.headers)
-    if not auth.authorised(given, token=settings.ws_token, jwt_secret=settings.ws_jwt_secret):
+    origin = websocket.headers.get("origin")
+    if settings.ws_allowed_origins and origin is not None and not origin_allowed(origin, settings.ws_allowed_origins):
         metrics.POLICY_CLOSES.inc()
-        log.warning("rejecting /ws client %s: missing or wrong token", peer)
+        log.warning("rejecting /ws client %s: origin %r not allowed", peer, origin[:200])
+        await websocket.close(code=CLOSE_POLICY, reason="origin not allowed")
+        return
+    subprotocols: list[str] = list(websocket.scope.get("subprotocols") or [])
+    given = auth.presented_token(websocket.query_params, websocket.headers, subprotocols)
+    credential = auth.authenticate(
+        given,
+        token=settings.ws_token,
+        jwt_secret=settings.ws_jwt_secret,
+        leeway=settings.ws_jwt_leeway,
+        audience=settings.ws_jwt_audience,
+        issuer=settings.ws_jwt_issuer,
+    )
+    if credential is None:
+        metrics.POLICY_CLOSES.inc()
+        log.warning("rejecting /ws client %s: missing, wrong or expired token", peer)
         await websocket.close(code=CLOSE_POLICY, reason="unauthorised")
         return
-    await websocket.accept()
+    await websocket.accept(subprotocol=auth.selected_subprotocol(subprotocols))
     if manager.client_count >= settings.ws_max_clients:
         log.warning("rejecting /ws client %s: %d clients connected", peer, manager.client_count)
         await websocket.close(code=CLOSE_TRY_AGAIN, reason=f"server full ({settings.ws_max_clients} clients)")
@@ -54,6 +75,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             batch=batch,
         )
     )
+    if credential.expires_at is not None:
+        session.spawn(_expire(session, credential), "token-expiry")
     writer = session.spawn(_write(session), "writer")
     reader = session.spawn(_read(websocket, manager, session), "reader")
     kicked = asyncio.ensure_future(session.kicked.wait())
@@ -69,6 +92,18 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 websocket.close(code=session.close_code, reason=session.close_reason[:120]), CLOSE_TIMEOUT
             )
     log.debug("/ws client %s done: %s", peer, session.stats())
+
+
+def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """Whether the ``Origin`` header value is one of ``allowed`` (normalised origins)."""
+    return origin.strip().rstrip("/").lower() in allowed
+
+
+async def _expire(session: ClientSession, credential: auth.Credential) -> None:
+    """Close the session with 4001 when its JWT expires (``exp`` + ``WS_JWT_LEEWAY``)."""
+    while (left := auth.seconds_left(credential)) is not None and left > 0:
+        await asyncio.sleep(min(left, 3600.0))  # re-read the wall clock at least hourly
+    session.kick(CLOSE_TOKEN_EXPIRED, "token expired")
 
 
 async def _write(session: ClientSession) -> None:

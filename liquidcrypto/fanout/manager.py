@@ -467,7 +467,9 @@ class NatsWebSocketManager:
             try:
                 await self._add(symbol, session=session)
             except BackendUnavailableError as exc:
-                session.offer(protocol.error_frame(f"trades of {symbol} are unavailable now: {exc}"))
+                # Details only in the log: an error frame never carries internal exception text.
+                log.warning("trades of %s unavailable for %s: %s", symbol, session.name, exc)
+                session.offer(protocol.error_frame(f"trades of {symbol} are unavailable now; try again later"))
         session.offer(protocol.frame("subscribed", symbols=list(request.symbols)))
         for symbol, since in since_of.items():
             if not replay:
@@ -504,7 +506,7 @@ class NatsWebSocketManager:
             )
         except Exception as exc:  # noqa: BLE001 - the client is told, the service goes on
             log.warning("history of %s for %s failed: %r", symbol, session.name, exc)
-            session.offer(protocol.error_frame(f"history of {symbol} unavailable: {exc}"))
+            session.offer(protocol.error_frame(f"history of {symbol} is unavailable now; try again later"))
         await session.end_replay(symbol)
 
     async def client_unsubscribe(self, session: ClientSession, symbols: Iterable[str]) -> None:

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-PUBLISHED = Counter(
-    "liquidcrypto_ws_published", "Trade events published (acknowledged by the backend)", ["backend"]
-)
+PUBLISHED = Counter("liquidcrypto_ws_published", "Trade events published (acknowledged by the backend)", ["backend"])
 PUBLISH_FAILED = Counter(
     "liquidcrypto_ws_publish_failed", "Trade events whose publication failed after retries", ["backend"]
 )
-PUBLISH_INFLIGHT = Gauge(
-    "liquidcrypto_ws_publish_inflight", "Trade publications waiting for their JetStream ack"
-)
+PUBLISH_INFLIGHT = Gauge("liquidcrypto_ws_publish_inflight", "Trade publications waiting for their JetStream ack")
 PUBLISH_WINDOW_FULL = Counter(
     "liquidcrypto_ws_publish_window_full", "Times a publisher waited because the ack window was full"
 )
@@ -38,13 +34,9 @@ FRAMES_SENT = Counter("liquidcrypto_ws_client_frames_sent", "Frames written to /
 CONFLATED = Counter("liquidcrypto_ws_client_conflated", "Trades replaced by a newer one of the same symbol")
 DROPPED = Counter("liquidcrypto_ws_client_dropped", "Frames dropped (oldest first) from full client queues")
 DUPLICATES = Counter("liquidcrypto_ws_client_duplicates", "Trades not sent again (sequence already sent)")
-SLOW_DISCONNECTS = Counter(
-    "liquidcrypto_ws_client_slow_disconnects", "Clients closed with 1013 for reading too slowly"
-)
+SLOW_DISCONNECTS = Counter("liquidcrypto_ws_client_slow_disconnects", "Clients closed with 1013 for reading too slowly")
 BAD_FRAMES = Counter("liquidcrypto_ws_client_bad_frames", "Client frames answered with an error")
-POLICY_CLOSES = Counter(
-    "liquidcrypto_ws_client_policy_closes", "Clients closed with 1008 (abuse, auth, limits)"
-)
+POLICY_CLOSES = Counter("liquidcrypto_ws_client_policy_closes", "Clients closed with 1008 (abuse, auth, limits)")
 HISTORY_FRAMES = Counter("liquidcrypto_ws_history_frames", "Trades replayed from the stream to clients")
 HANDLER_DROPPED = Counter(
     "liquidcrypto_ws_handler_dropped", "Trades dropped for a subscribe_to_trade_events handler that lagged"

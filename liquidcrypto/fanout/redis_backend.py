@@ -78,9 +78,7 @@ class RedisBackend:
 
     async def start(self, on_trade: OnTrade, on_broadcast: OnBroadcast) -> None:
         self._on_trade, self._on_broadcast = on_trade, on_broadcast
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url, max_connections=self.window + 2, timeout=None
-        )
+        pool = aioredis.BlockingConnectionPool.from_url(self.url, max_connections=self.window + 2, timeout=None)
         self._redis = aioredis.Redis(connection_pool=pool)
         self._script = self._redis.register_script(_PUBLISH)
         self._pubsub = self._redis.pubsub()
@@ -116,9 +114,7 @@ class RedisBackend:
         except (RedisError, OSError) as exc:
             self.failed += 1
             metrics.PUBLISH_FAILED.labels("redis").inc()
-            raise RedisUnavailableError(
-                f"Redis unavailable; trade for {symbol!r} not published: {exc!r}"
-            ) from exc
+            raise RedisUnavailableError(f"Redis unavailable; trade for {symbol!r} not published: {exc!r}") from exc
         self.published += 1
         metrics.PUBLISHED.labels("redis").inc()
 

@@ -74,7 +74,11 @@ class Retries:
             self._logged = now
             log.error(
                 "%s: failed %d times in a row for %.0fs and is not working (last: %r); retrying in %.1fs",
-                self.name, self.count, now - self._first, exc, delay,
+                self.name,
+                self.count,
+                now - self._first,
+                exc,
+                delay,
             )
         else:
             log.debug("%s: failed again (%r)", self.name, exc)
@@ -83,8 +87,12 @@ class Retries:
     def succeeded(self) -> None:
         """An attempt worked: logged if failures came before it."""
         if self.count:
-            log.warning("%s: working again after %d failure(s) over %.1fs", self.name, self.count,
-                        time.monotonic() - self._first)
+            log.warning(
+                "%s: working again after %d failure(s) over %.1fs",
+                self.name,
+                self.count,
+                time.monotonic() - self._first,
+            )
         self.count = 0
         self._refused_since = 0.0
         self.last_error = None

@@ -294,7 +294,11 @@ class StreamRange:
         if end is RangeEnd.STALLED:
             log.warning(
                 "range of %s on %s stalled after %d messages (seq %d, end %d)",
-                self.stream, self.subject, self.count, self._last, self._end_seq,
+                self.stream,
+                self.subject,
+                self.count,
+                self._last,
+                self._end_seq,
             )
 
     # -- reading ------------------------------------------------------------------
@@ -366,7 +370,11 @@ class StreamRange:
                 return msg
             log.warning(
                 "range of %s on %s skipped from consumer seq %d to %d; re-reading after seq %d",
-                self.stream, self.subject, self._expected, consumer_seq, self._last,
+                self.stream,
+                self.subject,
+                self._expected,
+                consumer_seq,
+                self._last,
             )
             await self._resume()
             if self.end is not None:

@@ -355,7 +355,10 @@ def _matches(have: ConsumerConfig, wanted: ConsumerConfig) -> bool:
 
 
 async def ensure(
-    js: JetStreamContext, resources: Resources, *, replicas: int = 1,
+    js: JetStreamContext,
+    resources: Resources,
+    *,
+    replicas: int = 1,
     dedupe_window: float = DEFAULT_WORK_QUEUE_DEDUPE_WINDOW,
 ) -> list[StreamConflictError]:
     """Ensure every stream and bucket of ``resources`` (idempotent).

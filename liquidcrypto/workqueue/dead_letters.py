@@ -53,7 +53,11 @@ async def publish_dead_letter(client: NatsClient, letter: DeadLetter, *, msg_id:
         metrics.DEAD_LETTERS.inc()
         log.warning(
             "%s %s dead-lettered as %s after %d attempts: %s",
-            letter.kind, letter.task_id, ack.seq, letter.attempts, letter.last_error,
+            letter.kind,
+            letter.task_id,
+            ack.seq,
+            letter.attempts,
+            letter.last_error,
         )
     return int(ack.seq)
 

@@ -111,13 +111,14 @@ async def ensure_worker_consumer(js: JetStreamContext, ack_wait: float) -> Consu
             return None
         log.info(
             "%s keeps ack_wait=%gs while other workers use it (this worker asked for %gs and "
-            "heartbeats by its own value)", WORKER_CONSUMER, current, ack_wait,
+            "heartbeats by its own value)",
+            WORKER_CONSUMER,
+            current,
+            ack_wait,
         )
         return info
 
-    return await streams.ensure_consumer(
-        js, TASKS_STREAM, streams.worker_consumer(ack_wait), keep=keep_longer_ack_wait
-    )
+    return await streams.ensure_consumer(js, TASKS_STREAM, streams.worker_consumer(ack_wait), keep=keep_longer_ack_wait)
 
 
 def _in_use(info: ConsumerInfo) -> bool:
@@ -144,9 +145,7 @@ class Attempts:
     unfinished: int = 0
 
 
-async def _update(
-    kv: KeyValue, task_id: str, change: Callable[[Attempts], Attempts | None]
-) -> tuple[Attempts, bool]:
+async def _update(kv: KeyValue, task_id: str, change: Callable[[Attempts], Attempts | None]) -> tuple[Attempts, bool]:
     """Compare-and-set ``change`` on the task's entry; the value and whether it changed."""
     key = attempts_key(task_id)
     for _ in range(20):
@@ -173,7 +172,8 @@ async def _update(
 async def record_failure(kv: KeyValue, task_id: str, *, redelivered: bool) -> Attempts:
     """Count a failed run (and close the unfinished run ``record_start`` opened)."""
     state, _ = await _update(
-        kv, task_id,
+        kv,
+        task_id,
         lambda a: Attempts(a.failures + 1, max(0, a.unfinished - 1) if redelivered else a.unfinished),
     )
     return state

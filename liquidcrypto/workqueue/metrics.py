@@ -28,9 +28,7 @@ WORKERS_FAILED = Gauge(
     "Workers in this process stopped by a permanent error (a conflicting consumer, an incompatible nats-py...)",
 )
 IN_FLIGHT = Gauge("liquidcrypto_wq_tasks_in_flight", "Tasks whose handler is running in this process")
-RESULTS_COLLECTED = Counter(
-    "liquidcrypto_wq_results_collected_total", "Distinct results returned by collect_results"
-)
+RESULTS_COLLECTED = Counter("liquidcrypto_wq_results_collected_total", "Distinct results returned by collect_results")
 DUPLICATE_RESULTS = Counter(
     "liquidcrypto_wq_duplicate_results_total", "Result messages dropped by consumer-side de-duplication"
 )

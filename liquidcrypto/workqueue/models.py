@@ -247,4 +247,3 @@ def decode_result(raw: bytes) -> TaskResult:
         return TaskResult.from_dict(data)
     except ValueError as exc:  # InvalidPayloadError or InvalidSubjectError
         raise InvalidPayloadError(f"invalid result message: {exc}") from exc
-

@@ -151,8 +151,13 @@ class WorkQueue:
             ConsumerConflictError: another consumer overlaps ``orchestrator.tasks.>``.
         """
         options = WorkerOptions(
-            concurrency=concurrency, specialist=specialist, ack_wait=ack_wait, max_deliver=max_deliver,
-            backoff=backoff, stop_timeout=stop_timeout, result_ttl=result_ttl,
+            concurrency=concurrency,
+            specialist=specialist,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+            backoff=backoff,
+            stop_timeout=stop_timeout,
+            result_ttl=result_ttl,
         )
         worker = Worker(self.client, handler, options)
         stop = await worker.start()

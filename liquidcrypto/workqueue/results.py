@@ -121,7 +121,13 @@ class ResultReader:
     """
 
     def __init__(
-        self, client: NatsClient, session_id: str, handler: MsgHandler, *, ack_wait: float, capacity: int,
+        self,
+        client: NatsClient,
+        session_id: str,
+        handler: MsgHandler,
+        *,
+        ack_wait: float,
+        capacity: int,
         on_rebind: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
@@ -131,7 +137,12 @@ class ResultReader:
         self._on_rebind = on_rebind
         self._conflict_wait = CONFLICT_WAIT
         self.pull = PullConsumer(
-            client, infra.TASKS_STREAM, handler, self._create, capacity=capacity, ack_wait=ack_wait,
+            client,
+            infra.TASKS_STREAM,
+            handler,
+            self._create,
+            capacity=capacity,
+            ack_wait=ack_wait,
             name=f"results of {session_id}",
         )
 
@@ -286,8 +297,14 @@ async def collect_results(
     missing: set[str] = set()
     if not complete:
         missing = (await pending_sub_prds(client, session_id) | set(known)) - set(got)
-        log.info("collect_results(%s): %d of %d after %gs; missing %s", session_id, len(got), count, timeout,
-                 sorted(missing)[:20])
+        log.info(
+            "collect_results(%s): %d of %d after %gs; missing %s",
+            session_id,
+            len(got),
+            count,
+            timeout,
+            sorted(missing)[:20],
+        )
     return ResultSet(list(got.values()), session_id=session_id, expected=count, missing=sorted(missing))
 
 
@@ -316,8 +333,13 @@ async def remove_results(client: NatsClient, msgs: list[Msg], session_id: str) -
             log.debug("result seq %d already removed: %s", seqs[-1], exc)  # its ack did arrive
         except Exception as exc:  # noqa: BLE001 - e.g. reconnecting; retry until the deadline
             if time.monotonic() > deadline:
-                log.warning("collect_results(%s): %d results not removed (%s); a later collection of the "
-                            "session sees them again", session_id, len(seqs), exc)
+                log.warning(
+                    "collect_results(%s): %d results not removed (%s); a later collection of the "
+                    "session sees them again",
+                    session_id,
+                    len(seqs),
+                    exc,
+                )
                 return
             await asyncio.sleep(0.1)
             continue
@@ -415,27 +437,35 @@ class ResultSubscription:
         except Exception as exc:
             attempts = msg.metadata.num_delivered
             if attempts < HANDLER_ATTEMPTS:
-                log.exception("results handler of %s failed on %s (attempt %d of %d); retrying the result",
-                              self.session_id, rid, attempts, HANDLER_ATTEMPTS)
+                log.exception(
+                    "results handler of %s failed on %s (attempt %d of %d); retrying the result",
+                    self.session_id,
+                    rid,
+                    attempts,
+                    HANDLER_ATTEMPTS,
+                )
                 await msg.nak(delay=0.5)
                 return
-            log.exception("results handler of %s failed on %s %d times; dead-lettering the result",
-                          self.session_id, rid, attempts)
+            log.exception(
+                "results handler of %s failed on %s %d times; dead-lettering the result", self.session_id, rid, attempts
+            )
             await self._dead_letter(msg, rid, result, attempts, f"{type(exc).__name__}: {exc}")
             return
         _remember(self._seen, rid)
         self.delivered += 1
         await msg.ack()
 
-    async def _dead_letter(
-        self, msg: Msg, rid: str, result: TaskResult | None, attempts: int, error: str
-    ) -> None:
+    async def _dead_letter(self, msg: Msg, rid: str, result: TaskResult | None, attempts: int, error: str) -> None:
         """Keep the result in ``ORCHESTRATOR_DLQ``, then acknowledge it; if it cannot be
         stored there, leave it for redelivery (never acknowledged and lost)."""
         headers = msg.headers or {}
         letter = DeadLetter(
-            kind="result", task=result.to_wire() if result is not None else _raw_body(msg.data),
-            task_id=headers.get(hdr.TASK_ID) or rid, subject=msg.subject, attempts=attempts, last_error=error,
+            kind="result",
+            task=result.to_wire() if result is not None else _raw_body(msg.data),
+            task_id=headers.get(hdr.TASK_ID) or rid,
+            subject=msg.subject,
+            attempts=attempts,
+            last_error=error,
         )
         try:
             # One letter per stored result message, however often it is redelivered.

@@ -114,10 +114,18 @@ class Worker:
         self._bound = False
         self.processed = 0
         self._pull = PullConsumer(
-            client, infra.TASKS_STREAM, self._run_one, self._bind,
-            capacity=self.options.concurrency, concurrency=self.options.concurrency,
-            ack_wait=self.options.ack_wait, heartbeats=2, stop_timeout=self.options.stop_timeout,
-            name="orchestrator worker", on_overflow=_HANDED_BACK.inc, on_failure=self._on_failure,
+            client,
+            infra.TASKS_STREAM,
+            self._run_one,
+            self._bind,
+            capacity=self.options.concurrency,
+            concurrency=self.options.concurrency,
+            ack_wait=self.options.ack_wait,
+            heartbeats=2,
+            stop_timeout=self.options.stop_timeout,
+            name="orchestrator worker",
+            on_overflow=_HANDED_BACK.inc,
+            on_failure=self._on_failure,
         )
 
     @property
@@ -162,7 +170,8 @@ class Worker:
         metrics.WORKERS_FAILED.inc()
         log.error(
             "orchestrator worker stopped by a permanent error after %d task(s): %r; tasks wait for another worker",
-            self.processed, exc,
+            self.processed,
+            exc,
         )
 
     # -- lifecycle -------------------------------------------------------------
@@ -180,7 +189,10 @@ class Worker:
         o = self.options
         log.info(
             "orchestrator worker started: concurrency=%d specialist=%s ack_wait=%gs max_deliver=%d",
-            o.concurrency, o.specialist or "*", o.ack_wait, o.max_deliver,
+            o.concurrency,
+            o.specialist or "*",
+            o.ack_wait,
+            o.max_deliver,
         )
         return self.stop
 
@@ -307,15 +319,16 @@ class Worker:
             return True
         if not ok:
             await self._give_up(
-                msg, task, task_id, state.failures + state.unfinished,
+                msg,
+                task,
+                task_id,
+                state.failures + state.unfinished,
                 f"{state.unfinished} runs never finished (the worker died, lost its connection or "
                 f"exceeded ack_wait={self.options.ack_wait:g}s without heartbeats)",
             )
         return ok
 
-    async def _failed(
-        self, msg: Msg, task: OrchestratorTask, task_id: str, exc: Exception, redelivered: bool
-    ) -> None:
+    async def _failed(self, msg: Msg, task: OrchestratorTask, task_id: str, exc: Exception, redelivered: bool) -> None:
         error = f"{type(exc).__name__}: {exc}"
         assert self._kv is not None
         try:
@@ -331,14 +344,24 @@ class Worker:
         delay = o.backoff[min(attempts - 1, len(o.backoff) - 1)]
         log.info(
             "task %s failed (attempt %d/%d), retry in %gs: %s",
-            task_id, attempts, o.max_deliver, delay, error,
+            task_id,
+            attempts,
+            o.max_deliver,
+            delay,
+            error,
         )
         metrics.TASKS_DONE.labels(outcome="retry").inc()
         await msg.nak(delay=delay)
 
     async def _give_up(
-        self, msg: Msg, task: OrchestratorTask | None, task_id: str, attempts: int, error: str,
-        *, outcome: str = "failure",
+        self,
+        msg: Msg,
+        task: OrchestratorTask | None,
+        task_id: str,
+        attempts: int,
+        error: str,
+        *,
+        outcome: str = "failure",
     ) -> None:
         """Failure result + dead letter, then acknowledge; on any error leave it for redelivery."""
         tokens = msg.subject.split(".")

@@ -41,9 +41,7 @@ async def last_seq(client: NatsClient) -> int:
 # -- subjects and envelopes ---------------------------------------------------------
 
 
-async def test_exact_subjects_of_tasks_events_system_events_and_heartbeats(
-    client: NatsClient, bus: A2ABus
-) -> None:
+async def test_exact_subjects_of_tasks_events_system_events_and_heartbeats(client: NatsClient, bus: A2ABus) -> None:
     seen: list[str] = []
 
     async def record(msg: Any) -> None:
@@ -64,9 +62,7 @@ async def test_exact_subjects_of_tasks_events_system_events_and_heartbeats(
     ]
 
 
-async def test_publish_task_returns_stream_sequence_and_stores_the_envelope(
-    client: NatsClient, bus: A2ABus
-) -> None:
+async def test_publish_task_returns_stream_sequence_and_stores_the_envelope(client: NatsClient, bus: A2ABus) -> None:
     seq = await bus.publish_task(
         "trading-agent", "execute", {"id": "task-123", "payload": {"symbol": "BTCUSDT", "action": "buy"}}
     )
@@ -115,7 +111,13 @@ async def test_task_without_payload_and_plain_values(client: NatsClient, bus: A2
 
 def test_fast_encoder_matches_the_model() -> None:
     raw = env_mod.encode(
-        id="x1", kind=Kind.TASK, agent_id="a", type="t", data={"k": [1]}, correlation_id="c", reply_to="r",
+        id="x1",
+        kind=Kind.TASK,
+        agent_id="a",
+        type="t",
+        data={"k": [1]},
+        correlation_id="c",
+        reply_to="r",
         metadata={"m": 1},
     )
     model = env_mod.decode(raw, "agents.a.tasks.t")
@@ -131,8 +133,9 @@ def test_fast_encoder_matches_the_model() -> None:
 def test_decode_fills_a_hand_written_message_and_accepts_camel_case() -> None:
     env = env_mod.decode(b'{"data": "test"}', "agents.test.tasks.echo", {"Nats-Msg-Id": "m-1"})
     assert (env.id, env.kind, env.agent_id, env.type, env.data) == ("m-1", Kind.TASK, "test", "echo", "test")
-    env = env_mod.decode(b'{"agentId": "x", "type": "t", "id": "1", "timestamp": 5, "taskId": "t9"}',
-                         "agents.x.events.t")
+    env = env_mod.decode(
+        b'{"agentId": "x", "type": "t", "id": "1", "timestamp": 5, "taskId": "t9"}', "agents.x.events.t"
+    )
     assert env.agent_id == "x" and env.task_id == "t9"
     for bad in (b"not json", b"[1, 2]", b'{"timestamp": "yesterday"}', b'{"id": 5}'):
         with pytest.raises(ValueError):
@@ -186,8 +189,9 @@ async def test_queue_group_of_three_handles_each_of_300_tasks_once(make_client: 
     members = [A2ABus(await make_client()) for _ in range(3)]
     handled: list[Counter[str]] = [Counter() for _ in members]
     for member, counts in zip(members, handled, strict=True):
-        await member.subscribe_to_tasks("trading-agent.tasks.*", lambda t, c=counts: c.update([t.id]),
-                                        queue="trading-workers")
+        await member.subscribe_to_tasks(
+            "trading-agent.tasks.*", lambda t, c=counts: c.update([t.id]), queue="trading-workers"
+        )
     for m in members:
         await m.client.flush()
     sender = A2ABus(client)

@@ -38,8 +38,10 @@ async def test_bus_survives_losing_a_node(nats_cluster: NatsCluster) -> None:
     bus = A2ABus(client)
     seen: list[int] = []
     try:
-        await _retry("durable subscription", lambda: bus.subscribe_to_tasks(
-            "ha.tasks.*", lambda t: seen.append(t.data), durable="ha"))
+        await _retry(
+            "durable subscription",
+            lambda: bus.subscribe_to_tasks("ha.tasks.*", lambda t: seen.append(t.data), durable="ha"),
+        )
         await bus.update_task_state("ha-task", "submitted")
         await bus.register_agent({"id": "ha-agent"}, heartbeat=False)
         info = await (await client.js.key_value(TASK_STATES_BUCKET)).status()
@@ -54,8 +56,9 @@ async def test_bus_survives_losing_a_node(nats_cluster: NatsCluster) -> None:
         victim.kill()
 
         for i in range(3, 6):
-            await _retry(f"publish {i}", lambda i=i: bus.publish_task("ha", "job", {"id": f"ha-{i}", "payload": i},
-                                                                      timeout=2))
+            await _retry(
+                f"publish {i}", lambda i=i: bus.publish_task("ha", "job", {"id": f"ha-{i}", "payload": i}, timeout=2)
+            )
         await eventually(lambda: seen == list(range(6)), timeout=40, what="durable delivery after failover")
         change = await _retry("state change", lambda: bus.update_task_state("ha-task", "working"))
         assert change.seq == 2

@@ -20,9 +20,7 @@ async def consumer(client: NatsClient, name: str) -> Any:
     return await client.js.consumer_info(streams.A2A_TASKS, name)
 
 
-async def test_durable_catch_up_after_restart_nothing_lost_nothing_twice(
-    make_client: Any, bus: A2ABus
-) -> None:
+async def test_durable_catch_up_after_restart_nothing_lost_nothing_twice(make_client: Any, bus: A2ABus) -> None:
     seen: list[int] = []
     first = A2ABus(await make_client())
     sub = await first.subscribe_to_tasks("worker.tasks.*", lambda t: seen.append(t.data), durable="worker")
@@ -110,8 +108,7 @@ async def test_dead_process_message_is_redelivered_after_ack_wait(make_client: A
     await dying.close()
     got: list[tuple[str, Any]] = []
     survivor = A2ABus(await make_client())
-    await survivor.subscribe_to_tasks("d.tasks.*", lambda t: got.append((t.id, t.data)), durable="d",
-                                      ack_wait=1.0)
+    await survivor.subscribe_to_tasks("d.tasks.*", lambda t: got.append((t.id, t.data)), durable="d", ack_wait=1.0)
     await eventually(lambda: got, timeout=10, what="redelivery")
     assert got == [("d-1", "important")]
     await survivor.close()

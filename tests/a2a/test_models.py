@@ -16,11 +16,23 @@ from liquidcrypto.errors import InvalidPayloadError
 
 def test_a_state_change_leaves_out_none_fields_on_the_wire() -> None:
     change = TaskStateChange(
-        task_id="t", seq=2, state=TaskState.WORKING, previous=TaskState.SUBMITTED, timestamp=5, message="m",
+        task_id="t",
+        seq=2,
+        state=TaskState.WORKING,
+        previous=TaskState.SUBMITTED,
+        timestamp=5,
+        message="m",
         data={"k": None},
     )
-    assert change.to_dict() == {"task_id": "t", "seq": 2, "state": "working", "previous": "submitted",
-                                "timestamp": 5, "message": "m", "data": {"k": None}}
+    assert change.to_dict() == {
+        "task_id": "t",
+        "seq": 2,
+        "state": "working",
+        "previous": "submitted",
+        "timestamp": 5,
+        "message": "m",
+        "data": {"k": None},
+    }
     first = TaskStateChange(task_id="t", seq=1, state=TaskState.SUBMITTED, timestamp=1)
     assert first.to_dict() == {"task_id": "t", "seq": 1, "state": "submitted", "timestamp": 1}
     assert TaskStateChange(task_id="t", seq=1, state=TaskState.SUBMITTED, timestamp=1, data=0).to_dict()["data"] == 0
@@ -40,8 +52,9 @@ def test_a_state_change_leaves_out_none_fields_on_the_wire() -> None:
 
 
 def test_an_agent_card_keeps_its_extra_keys_in_the_bucket() -> None:
-    card = registry.AgentCard.from_dict({"id": "a", "name": "A", "skills": ["x"], "url": "http://u",
-                                         "caps": {"s": True}})
+    card = registry.AgentCard.from_dict(
+        {"id": "a", "name": "A", "skills": ["x"], "url": "http://u", "caps": {"s": True}}
+    )
     assert card.url == "http://u" and card.extra == {"url": "http://u", "caps": {"s": True}}  # type: ignore[attr-defined]
     raw = registry._store(card, {"load": 1})
     assert raw == (

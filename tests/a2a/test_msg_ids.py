@@ -93,7 +93,8 @@ async def test_events_retried_with_the_same_id_are_stored_once(client: NatsClien
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "   ", "a\r\nNats-Expected-Stream: X", "a\x00b", "x" * 300, 42],
+    "bad",
+    ["", "   ", "a\r\nNats-Expected-Stream: X", "a\x00b", "x" * 300, 42],
 )
 async def test_ids_that_cannot_be_a_header_value_are_refused(bus: A2ABus, bad: Any) -> None:
     with pytest.raises(InvalidTaskError) as err:

@@ -42,8 +42,14 @@ async def attacker(nats_server: NatsServer) -> AsyncIterator[RawConnection]:
 
 
 async def send_crafted(nc: RawConnection, subject: str, **fields: Any) -> None:
-    body = {"id": f"evil-{fields.get('n', 0)}", "kind": "task", "agent_id": "victim", "type": "work",
-            "timestamp": 1, "data": {"x": 1}}
+    body = {
+        "id": f"evil-{fields.get('n', 0)}",
+        "kind": "task",
+        "agent_id": "victim",
+        "type": "work",
+        "timestamp": 1,
+        "data": {"x": 1},
+    }
     body.update({k: v for k, v in fields.items() if k != "n"})
     await nc.publish(subject, orjson.dumps(body))
     await nc.flush()

@@ -70,9 +70,7 @@ class AppInstance:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise AssertionError(
-                    f"app on port {self.port} did not start:\n{self.log_path.read_text()[-3000:]}"
-                )
+                raise AssertionError(f"app on port {self.port} did not start:\n{self.log_path.read_text()[-3000:]}")
             time.sleep(0.05)
 
     def stop(self) -> None:

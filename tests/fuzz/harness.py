@@ -160,8 +160,11 @@ class Harness:
         await self.spy.subscribe(">", cb=record, pending_msgs_limit=-1, pending_bytes_limit=-1)
         await self.spy.flush()
         self._atk = await nats.connect(
-            self.server.url, name="fuzz-attacker", max_reconnect_attempts=-1,
-            error_cb=self._attacker_error, disconnected_cb=self._attacker_disconnected,
+            self.server.url,
+            name="fuzz-attacker",
+            max_reconnect_attempts=-1,
+            error_cb=self._attacker_error,
+            disconnected_cb=self._attacker_disconnected,
             reconnected_cb=self._attacker_reconnected,
         )
         self._reconnects = self.client.reconnects
@@ -243,16 +246,20 @@ class Harness:
             problems += self.trade_problems(sent, self.service.trades[trades_mark:], n)
         problems += classify(self.seen[spy_mark:], expect)
         if problems and DEBUG:
-            problems += [f"(debug) the spy saw {x!r}"[:200] for x in self.seen[spy_mark:]
-                         if not x.subject.startswith(("$JS.API.", "$JS.EVENT.", "_INBOX."))]
+            problems += [
+                f"(debug) the spy saw {x!r}"[:200]
+                for x in self.seen[spy_mark:]
+                if not x.subject.startswith(("$JS.API.", "$JS.EVENT.", "_INBOX."))
+            ]
         problems += await self.stream_problems(before, sent)
         problems += self.health_problems()
         problems += [f"(harness) attacker connection: {e}" for e in self.attacker_events[atk_mark:]]
         problems += [f"nats-py error callback: {e}" for e in self.client_errors[err_mark:]]
         gc.collect()  # "Task exception was never retrieved" is reported when the task is collected
         problems += [f"logged: {e}" for e in self.logs.since(log_mark)]
-        problems += [f"loop exception handler: {c.get('message')} {c.get('exception')!r}"
-                     for c in self.loop.errors[loop_mark:]]
+        problems += [
+            f"loop exception handler: {c.get('message')} {c.get('exception')!r}" for c in self.loop.errors[loop_mark:]
+        ]
         return problems
 
     def sentinels(self, n: int) -> list[AttackMsg]:
@@ -342,7 +349,9 @@ class Harness:
         watched = f"{RESULTS_PREFIX}{SESSION}."
         results = {s: c for s, c in per_subject.items() if s.startswith(RESULTS_PREFIX)}
         return StreamCounts(
-            a2a_first=int(a2a.first_seq), a2a_last=int(a2a.last_seq), a2a_messages=int(a2a.messages),
+            a2a_first=int(a2a.first_seq),
+            a2a_last=int(a2a.last_seq),
+            a2a_messages=int(a2a.messages),
             tasks=sum(c for s, c in per_subject.items() if s.startswith(TASKS_PREFIX)),
             watched_results=sum(c for s, c in results.items() if s.startswith(watched)),
             other_results=sum(c for s, c in results.items() if not s.startswith(watched) and s != CANARY_RESULT),
@@ -365,11 +374,15 @@ class Harness:
             await asyncio.sleep(0.01)
         out = []
         if after.tasks or after.watched_results:
-            out.append(f"ORCHESTRATOR_TASKS kept {after.tasks} task(s) and {after.watched_results} result(s) of "
-                       f"{SESSION} unconsumed after {DRAIN_TIMEOUT:g} s")
+            out.append(
+                f"ORCHESTRATOR_TASKS kept {after.tasks} task(s) and {after.watched_results} result(s) of "
+                f"{SESSION} unconsumed after {DRAIN_TIMEOUT:g} s"
+            )
         if durable_left:
-            out.append(f"the durable consumer left {durable.num_pending} message(s) undelivered and "
-                       f"{durable.num_ack_pending} unacknowledged after {DRAIN_TIMEOUT:g} s")
+            out.append(
+                f"the durable consumer left {durable.num_pending} message(s) undelivered and "
+                f"{durable.num_ack_pending} unacknowledged after {DRAIN_TIMEOUT:g} s"
+            )
         if after.a2a_first != before.a2a_first or after.a2a_messages != after.a2a_last - after.a2a_first + 1:
             out.append(f"A2A_TASKS lost messages: {before} -> {after}")
         if not 0 <= after.a2a_last - before.a2a_last <= a2a_sent:
@@ -377,8 +390,10 @@ class Harness:
         if after.canary_results != 1:
             out.append(f"the canary result left ORCHESTRATOR_TASKS ({after.canary_results})")
         if not 0 <= after.other_results - before.other_results <= wq_sent:
-            out.append(f"results of other sessions went {before.other_results} -> {after.other_results} "
-                       f"for {wq_sent} attacker message(s) on orchestrator.>")
+            out.append(
+                f"results of other sessions went {before.other_results} -> {after.other_results} "
+                f"for {wq_sent} attacker message(s) on orchestrator.>"
+            )
         trades_sent = sum(m.subject.startswith("trades.") or m.subject == "ws.broadcast" for m in sent)
         trades_sent += 1 if self.trade_mode else 0  # the sentinel trade
         if after.trades != before.trades + trades_sent:
@@ -410,8 +425,9 @@ class Harness:
         if not health["connected"] or health["jetstream"] != {"enabled": True, "streams": 3}:
             out.append(f"health() is {health}")
         svc = self.service
-        answer = await svc.bus.request_agent(CORE_AGENT, "final", {"id": f"final-{self.nonce}", "payload": n},
-                                             timeout=5)
+        answer = await svc.bus.request_agent(
+            CORE_AGENT, "final", {"id": f"final-{self.nonce}", "payload": n}, timeout=5
+        )
         if answer != {"echo": "final"}:
             out.append(f"request_agent answered {answer!r}")
         await svc.bus.publish_task(DURABLE_AGENT, "final", {"id": f"final-d-{self.nonce}", "payload": n})
@@ -421,8 +437,13 @@ class Harness:
         trades_mark = len(svc.trades)
         await svc.manager.publish_trade_event(SYMBOL, {"final": n})
         await svc.manager.flush()
-        want = {"durable": f"final-d-{self.nonce}", "events": f"final-e-{self.nonce}",
-                "system": f"final-s-{self.nonce}", "work": f"final-{self.nonce}", "results": f"final-{self.nonce}"}
+        want = {
+            "durable": f"final-d-{self.nonce}",
+            "events": f"final-e-{self.nonce}",
+            "system": f"final-s-{self.nonce}",
+            "work": f"final-{self.nonce}",
+            "results": f"final-{self.nonce}",
+        }
         deadline = time.monotonic() + SETTLE_TIMEOUT
         while time.monotonic() < deadline:
             if all(v in svc.seen[k] for k, v in want.items()) and svc.trades[trades_mark:]:

@@ -21,17 +21,54 @@ VIAS: tuple[Via, ...] = ("core", "js")
 # -- text ------------------------------------------------------------------------------
 
 NASTY_IDS = (
-    "", " ", "*", ">", "a.b", "a b", "a\tb", "a\r\nb", "\x00", "\x1b[31m", "\u202e", "\u00a0", "\u2028",
-    "é", "🙂", "x" * 257, "$JS.API.STREAM.PURGE.ORCHESTRATOR_TASKS", "$JS.API.STREAM.DELETE.A2A_TASKS",
-    "$KV.A2A_AGENTS.fz", "trades.BTCUSDT", "ws.broadcast", "orchestrator.tasks.fuzz-s.injected",
-    "agents.fz.tasks.injected", "system.events.injected", "_INBOX.attacker", "_INBOX.>", "fuzz-s", "../../etc",
+    "",
+    " ",
+    "*",
+    ">",
+    "a.b",
+    "a b",
+    "a\tb",
+    "a\r\nb",
+    "\x00",
+    "\x1b[31m",
+    "\u202e",
+    "\u00a0",
+    "\u2028",
+    "é",
+    "🙂",
+    "x" * 257,
+    "$JS.API.STREAM.PURGE.ORCHESTRATOR_TASKS",
+    "$JS.API.STREAM.DELETE.A2A_TASKS",
+    "$KV.A2A_AGENTS.fz",
+    "trades.BTCUSDT",
+    "ws.broadcast",
+    "orchestrator.tasks.fuzz-s.injected",
+    "agents.fz.tasks.injected",
+    "system.events.injected",
+    "_INBOX.attacker",
+    "_INBOX.>",
+    "fuzz-s",
+    "../../etc",
 )
 # Where a naive responder could be made to publish: each must stay untouched.
 NASTY_TARGETS = (
-    "$JS.API.STREAM.PURGE.ORCHESTRATOR_TASKS", "$JS.API.STREAM.PURGE.A2A_TASKS", "$JS.API.STREAM.DELETE.TRADE_EVENTS",
-    "$JS.API.CONSUMER.DELETE.ORCHESTRATOR_TASKS.orchestrator-workers", "$KV.A2A_AGENTS.fz", "trades.BTCUSDT",
-    "ws.broadcast", "orchestrator.tasks.fuzz-s.injected", "orchestrator.results.fuzz-s.injected",
-    f"agents.{CORE_AGENT}.tasks.injected", "system.events.injected", "a b", "*", ">", "agents.>", "\x00", "é.🙂",
+    "$JS.API.STREAM.PURGE.ORCHESTRATOR_TASKS",
+    "$JS.API.STREAM.PURGE.A2A_TASKS",
+    "$JS.API.STREAM.DELETE.TRADE_EVENTS",
+    "$JS.API.CONSUMER.DELETE.ORCHESTRATOR_TASKS.orchestrator-workers",
+    "$KV.A2A_AGENTS.fz",
+    "trades.BTCUSDT",
+    "ws.broadcast",
+    "orchestrator.tasks.fuzz-s.injected",
+    "orchestrator.results.fuzz-s.injected",
+    f"agents.{CORE_AGENT}.tasks.injected",
+    "system.events.injected",
+    "a b",
+    "*",
+    ">",
+    "agents.>",
+    "\x00",
+    "é.🙂",
 )
 
 any_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=24)
@@ -43,22 +80,44 @@ def _repeat(chars: str, lo: int, hi: int) -> st.SearchStrategy[str]:
     return st.builds(lambda c, n: c * n, st.sampled_from(chars), st.integers(lo, hi))
 
 
-huge_text = st.one_of(_repeat("xé🙂\x00\\\"\u202e", 1_000, 60_000), _repeat("y", 100_000, 300_000))
+huge_text = st.one_of(_repeat('xé🙂\x00\\"\u202e', 1_000, 60_000), _repeat("y", 100_000, 300_000))
 
 # A subject token as nats-py lets it through on publish: no whitespace nats-py checks
 # (space, tab, CR, LF), no dot; wildcards, control characters and non-ASCII are fine.
 _TOKEN_CHARS = st.characters(exclude_categories=["Cs"], exclude_characters=" \t\r\n.")
 token = st.one_of(
-    st.sampled_from(["x", "*", ">", "$JS", "_INBOX", "fuzz-s", "ORCHESTRATOR_TASKS", "é", "🙂", "\x00", "\x1f",
-                     "\u00a0", "\u2028", "-", "%", "z" * 257]),
+    st.sampled_from(
+        [
+            "x",
+            "*",
+            ">",
+            "$JS",
+            "_INBOX",
+            "fuzz-s",
+            "ORCHESTRATOR_TASKS",
+            "é",
+            "🙂",
+            "\x00",
+            "\x1f",
+            "\u00a0",
+            "\u2028",
+            "-",
+            "%",
+            "z" * 257,
+        ]
+    ),
     st.text(_TOKEN_CHARS, min_size=1, max_size=16),
 )
 
 # -- JSON values -----------------------------------------------------------------------
 
 json_scalar = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=2**63),
-    st.floats(allow_nan=True, allow_infinity=True), weird_text,
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**63),
+    st.floats(allow_nan=True, allow_infinity=True),
+    weird_text,
 )
 json_value: st.SearchStrategy[Any] = st.recursive(
     json_scalar,
@@ -95,7 +154,7 @@ _NESTING = (10, 1_000, 5_000) if INCLUDE_KNOWN_BUGS else (10, MAX_OBJECT_NESTING
 _ARRAY_NESTING = (10, MAX_OBJECT_NESTING, 5_000, 100_000, *((1_000,) if INCLUDE_KNOWN_BUGS else ()))
 raw_junk = st.one_of(
     st.binary(max_size=64),
-    st.sampled_from([b"", b"null", b"[]", b"{}", b'"x"', b"1e999", b"NaN", b"{", b"\xff\xfe", b"{\"id\": }"]),
+    st.sampled_from([b"", b"null", b"[]", b"{}", b'"x"', b"1e999", b"NaN", b"{", b"\xff\xfe", b'{"id": }']),
     st.builds(lambda n: b"[" * n + b"]" * n, st.sampled_from(_ARRAY_NESTING)),
     st.builds(lambda n: b'{"a":' * n + b"1" + b"}" * n, st.sampled_from(_NESTING)),
 )
@@ -111,7 +170,9 @@ def reply_targets(reply_to_checked: bool) -> st.SearchStrategy[Any]:
     safe = st.one_of(
         st.sampled_from(["", "_INBOX.attacker", "_INBOX.attacker.reply"]),
         st.builds(lambda t: f"_INBOX.{t}", st.text(_TOKEN_CHARS, min_size=1, max_size=12)),
-        st.integers(), st.lists(st.integers(), max_size=2), st.dictionaries(any_text, st.integers(), max_size=2),
+        st.integers(),
+        st.lists(st.integers(), max_size=2),
+        st.dictionaries(any_text, st.integers(), max_size=2),
     )
     if not reply_to_checked:
         return safe
@@ -125,9 +186,18 @@ def envelope_bodies(reply_to_checked: bool) -> st.SearchStrategy[bytes]:
     fields: dict[str, st.SearchStrategy[Any]] = {
         "id": ids,
         "kind": st.one_of(st.sampled_from(["task", "event", "system", "heartbeat", "reply", "x"]), json_value),
-        "agent_id": ids, "agentId": ids, "type": ids, "timestamp": st.one_of(st.integers(), json_value),
-        "data": big_or_junk, "payload": big_or_junk, "task_id": ids, "taskId": ids,
-        "correlation_id": ids, "correlationId": ids, "reply_to": reply, "replyTo": reply,
+        "agent_id": ids,
+        "agentId": ids,
+        "type": ids,
+        "timestamp": st.one_of(st.integers(), json_value),
+        "data": big_or_junk,
+        "payload": big_or_junk,
+        "task_id": ids,
+        "taskId": ids,
+        "correlation_id": ids,
+        "correlationId": ids,
+        "reply_to": reply,
+        "replyTo": reply,
         "metadata": st.one_of(st.dictionaries(weird_text, json_value, max_size=3), json_value),
     }
     return st.one_of(_object(fields).flatmap(encode), raw_junk, json_value.flatmap(encode))
@@ -139,9 +209,14 @@ def task_bodies(session: st.SearchStrategy[str], sub: st.SearchStrategy[str]) ->
     sid = st.one_of(session, st.just(SESSION), task_token, weird_text, json_value)
     pid = st.one_of(sub, task_token, weird_text, json_value)
     fields: dict[str, st.SearchStrategy[Any]] = {
-        "sessionId": sid, "session_id": sid, "subPrdId": pid, "sub_prd_id": pid,
-        "specialist": st.one_of(st.none(), weird_text, json_value), "payload": big_or_junk,
-        "createdAt": st.one_of(st.integers(), json_value), "created_at": json_value,
+        "sessionId": sid,
+        "session_id": sid,
+        "subPrdId": pid,
+        "sub_prd_id": pid,
+        "specialist": st.one_of(st.none(), weird_text, json_value),
+        "payload": big_or_junk,
+        "createdAt": st.one_of(st.integers(), json_value),
+        "created_at": json_value,
     }
     return st.one_of(_object(fields).flatmap(encode), raw_junk)
 
@@ -150,8 +225,13 @@ def result_bodies(session: st.SearchStrategy[str], sub: st.SearchStrategy[str]) 
     sid = st.one_of(session, st.just(SESSION), task_token, weird_text, json_value)
     pid = st.one_of(sub, task_token, weird_text, json_value)
     fields: dict[str, st.SearchStrategy[Any]] = {
-        "sessionId": sid, "session_id": sid, "subPrdId": pid, "sub_prd_id": pid,
-        "success": st.one_of(st.booleans(), json_value), "result": big_or_junk, "error": json_value,
+        "sessionId": sid,
+        "session_id": sid,
+        "subPrdId": pid,
+        "sub_prd_id": pid,
+        "success": st.one_of(st.booleans(), json_value),
+        "result": big_or_junk,
+        "error": json_value,
         "completedAt": st.one_of(st.integers(), json_value),
     }
     return st.one_of(_object(fields).flatmap(encode), raw_junk)
@@ -198,7 +278,10 @@ nats_reply = st.one_of(st.none(), st.integers(0, 9).map(lambda i: f"_INBOX.attac
 def attack(draw: st.DrawFn, subject: st.SearchStrategy[str], body: st.SearchStrategy[bytes]) -> AttackMsg:
     via = draw(st.sampled_from(VIAS))
     return AttackMsg(
-        subject=draw(subject), body=draw(body), headers=draw(headers), via=via,
+        subject=draw(subject),
+        body=draw(body),
+        headers=draw(headers),
+        via=via,
         reply=draw(nats_reply) if via == "core" else None,
     )
 
@@ -233,9 +316,13 @@ def a2a_batches(reply_to_checked: bool) -> st.SearchStrategy[list[AttackMsg]]:
 _TASK_TOKEN_CHARS = st.characters(
     exclude_categories=["Cs", "Zs", "Zl", "Zp"], exclude_characters=" \t\r\n.*>\x1c\x1d\x1e\x1f\x85"
 )
-task_token = token if INCLUDE_KNOWN_BUGS else st.one_of(
-    st.sampled_from(["x", "fuzz-s", "$JS", "_INBOX", "ORCHESTRATOR_TASKS", "é", "🙂", "\x00", "-", "%", "z" * 256]),
-    st.text(_TASK_TOKEN_CHARS, min_size=1, max_size=16),
+task_token = (
+    token
+    if INCLUDE_KNOWN_BUGS
+    else st.one_of(
+        st.sampled_from(["x", "fuzz-s", "$JS", "_INBOX", "ORCHESTRATOR_TASKS", "é", "🙂", "\x00", "-", "%", "z" * 256]),
+        st.text(_TASK_TOKEN_CHARS, min_size=1, max_size=16),
+    )
 )
 
 
@@ -310,6 +397,9 @@ def inbox_batches(inboxes: list[str]) -> st.SearchStrategy[list[AttackMsg]]:
     body = st.one_of(st.just(b""), envelope_bodies(False), task_bodies(st.just(SESSION), task_token), raw_junk)
     message = st.builds(
         lambda subject, data, hdrs, reply: AttackMsg(subject=subject, body=data, headers=hdrs, reply=reply),
-        st.sampled_from(inboxes), body, headers, nats_reply,
+        st.sampled_from(inboxes),
+        body,
+        headers,
+        nats_reply,
     )
     return st.lists(message, min_size=1, max_size=5)

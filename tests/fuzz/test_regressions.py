@@ -37,8 +37,11 @@ async def attacker(nats_server: NatsServer) -> AsyncIterator[Nats]:
 
 def troubles(caplog: pytest.LogCaptureFixture) -> list[str]:
     """ERROR records and tracebacks of the package (what the properties call unexpected)."""
-    return [f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records
-            if r.name.startswith("liquidcrypto") and (r.levelno >= logging.ERROR or r.exc_info)]
+    return [
+        f"{r.levelname} {r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.name.startswith("liquidcrypto") and (r.levelno >= logging.ERROR or r.exc_info)
+    ]
 
 
 async def subject_count(client: NatsClient, stream: str, subject_filter: str) -> int:
@@ -194,7 +197,8 @@ async def test_a_task_with_a_status_header_is_still_run(client: NatsClient, atta
         await wq.start_orchestrator_worker(run)
         for sub, status in (("p100", "100"), ("p409", "409")):
             await attacker.jetstream().publish(
-                f"orchestrator.tasks.s.{sub}", task_body("s", sub),
+                f"orchestrator.tasks.s.{sub}",
+                task_body("s", sub),
                 headers={"Status": status, "Description": "Consumer Deleted"},
             )
         await eventually(lambda: sorted(ran) == ["p100", "p409"], timeout=3, what="both tasks run")

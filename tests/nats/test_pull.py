@@ -62,8 +62,9 @@ async def test_never_holds_more_than_its_capacity(client: NatsClient, stream: st
         await msg.ack()
 
     # Two handlers, three held: one message waits in the queue for a free handler.
-    consumer = PullConsumer(client, stream, handler, durable(client, "bounded"), capacity=3, concurrency=2,
-                            ack_wait=30.0)
+    consumer = PullConsumer(
+        client, stream, handler, durable(client, "bounded"), capacity=3, concurrency=2, ack_wait=30.0
+    )
     await publish(client, 10)
     await consumer.start()
     await eventually(lambda: len(running) == 2, what="two handlers running")
@@ -86,9 +87,7 @@ async def test_never_holds_more_than_its_capacity(client: NatsClient, stream: st
     assert consumer.handed_back == 0
 
 
-async def test_in_progress_keeps_a_long_message_and_the_one_queued_behind_it(
-    client: NatsClient, stream: str
-) -> None:
+async def test_in_progress_keeps_a_long_message_and_the_one_queued_behind_it(client: NatsClient, stream: str) -> None:
     calls: Counter[bytes] = Counter()
 
     async def slow(msg: Msg) -> None:
@@ -98,8 +97,9 @@ async def test_in_progress_keeps_a_long_message_and_the_one_queued_behind_it(
         await msg.ack()
 
     # One handler, two held: message 1 waits behind message 0 for three ack_waits.
-    consumer = PullConsumer(client, stream, slow, durable(client, "slow", ack_wait=1.0), capacity=2, concurrency=1,
-                            ack_wait=1.0)
+    consumer = PullConsumer(
+        client, stream, slow, durable(client, "slow", ack_wait=1.0), capacity=2, concurrency=1, ack_wait=1.0
+    )
     await consumer.start()
     await publish(client, 2)
 
@@ -156,8 +156,7 @@ async def test_a_handler_may_stop_its_own_consumer(client: NatsClient, stream: s
         handled.append(int(msg.data))
         await msg.ack()
 
-    consumer = PullConsumer(client, stream, stop_after_first, durable(client, "self-stop"), capacity=1,
-                            ack_wait=30.0)
+    consumer = PullConsumer(client, stream, stop_after_first, durable(client, "self-stop"), capacity=1, ack_wait=30.0)
     await publish(client, 3)
     await consumer.start()
     await eventually(lambda: handled == [0], what="the first message handled")
@@ -171,17 +170,16 @@ async def test_a_handler_may_stop_its_own_consumer(client: NatsClient, stream: s
     assert not consumer.running
 
 
-async def test_keeps_consuming_after_a_server_restart(
-    client: NatsClient, stream: str, nats_server: NatsServer
-) -> None:
+async def test_keeps_consuming_after_a_server_restart(client: NatsClient, stream: str, nats_server: NatsServer) -> None:
     seen: list[int] = []
 
     async def handler(msg: Msg) -> None:
         seen.append(int(msg.data))
         await msg.ack()
 
-    consumer = PullConsumer(client, stream, handler, durable(client, "survivor"), capacity=4, concurrency=2,
-                            ack_wait=30.0)
+    consumer = PullConsumer(
+        client, stream, handler, durable(client, "survivor"), capacity=4, concurrency=2, ack_wait=30.0
+    )
     await consumer.start()
     await publish(client, 3)
     await eventually(lambda: sorted(seen) == [0, 1, 2], what="before the restart")
@@ -219,8 +217,9 @@ async def test_a_forged_message_on_the_inbox_is_dropped_and_never_answered(clien
         handled.append(msg.data)
         await msg.ack()
 
-    consumer = PullConsumer(client, stream, handler, durable(client, "forged"), capacity=2, concurrency=1,
-                            ack_wait=30.0)
+    consumer = PullConsumer(
+        client, stream, handler, durable(client, "forged"), capacity=2, concurrency=1, ack_wait=30.0
+    )
     await consumer.start()
     try:
         await eventually(lambda: consumer._inbox_sub is not None, what="inbox subscribed")
@@ -275,8 +274,9 @@ async def test_heartbeats_that_cannot_work_stop_it_visibly(
         raise AttributeError("'Msg' object has no attribute '_client'")
 
     monkeypatch.setattr(Msg, "in_progress", renamed)
-    consumer = PullConsumer(client, stream, held, durable(client, "beats", ack_wait=1.0), capacity=1,
-                            ack_wait=1.0, stop_timeout=0.1)
+    consumer = PullConsumer(
+        client, stream, held, durable(client, "beats", ack_wait=1.0), capacity=1, ack_wait=1.0, stop_timeout=0.1
+    )
     await publish(client, 1)
     await consumer.start()
     with pytest.raises(AttributeError, match="_client"):

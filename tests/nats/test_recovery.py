@@ -188,9 +188,7 @@ async def test_js_publish_timeout_after_sending_says_outcome_unknown(
     assert info.value.msg_id == "unknown-1"
     await client.wait_connected(15)
     # It was sent: the stream stores it; the retry with the same id is a duplicate.
-    await eventually(
-        lambda: _count_is(client, "A2A_TASKS", before + 1), timeout=15, what="the sent message stored"
-    )
+    await eventually(lambda: _count_is(client, "A2A_TASKS", before + 1), timeout=15, what="the sent message stored")
     again = await client.js_publish("agents.a.tasks.t", {"n": 2}, msg_id="unknown-1")
     assert again.duplicate
     assert await _stream_messages(client, "A2A_TASKS") == before + 1

@@ -65,8 +65,7 @@ async def test_require_ensures_now_and_after_every_reconnection(client: NatsClie
 
 async def test_require_reports_a_stream_with_another_retention(client: NatsClient) -> None:
     await client.js.add_stream(
-        StreamConfig(name=streams.ORCHESTRATOR_DLQ, subjects=["orchestrator.dlq.>"],
-                     retention=RetentionPolicy.INTEREST)
+        StreamConfig(name=streams.ORCHESTRATOR_DLQ, subjects=["orchestrator.dlq.>"], retention=RetentionPolicy.INTEREST)
     )
     with pytest.raises(StreamConflictError, match=streams.ORCHESTRATOR_DLQ):
         await client.require(streams.WORK_QUEUE_RESOURCES)

@@ -34,32 +34,50 @@ tokens = st.text(
     max_size=20,
 )
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=10),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=10,
 )
 tasks = st.builds(
-    OrchestratorTask, session_id=tokens, sub_prd_id=tokens, specialist=st.none() | tokens, payload=json_values,
+    OrchestratorTask,
+    session_id=tokens,
+    sub_prd_id=tokens,
+    specialist=st.none() | tokens,
+    payload=json_values,
     created_at=st.integers(0, 2**53),
 )
 results = st.builds(
-    TaskResult, session_id=tokens, sub_prd_id=tokens, success=st.booleans(), result=json_values,
-    error=st.none() | st.text(max_size=20), completed_at=st.integers(0, 2**53),
+    TaskResult,
+    session_id=tokens,
+    sub_prd_id=tokens,
+    success=st.booleans(),
+    result=json_values,
+    error=st.none() | st.text(max_size=20),
+    completed_at=st.integers(0, 2**53),
 )
 SPELLINGS = {"session_id": "sessionId", "sub_prd_id": "subPrdId", "created_at": "createdAt"}
 TASK = OrchestratorTask(
-    session_id="s1", sub_prd_id="ui-1", specialist="ui", payload={"a": [1, 2.5, None, "é"], "b": {"x": None}},
+    session_id="s1",
+    sub_prd_id="ui-1",
+    specialist="ui",
+    payload={"a": [1, 2.5, None, "é"], "b": {"x": None}},
     created_at=1_700_000_000_000,
 )
 ANY_TASK = OrchestratorTask(session_id="s", sub_prd_id="p", created_at=5)
 
 
 def test_the_bytes_on_the_wire_are_unchanged() -> None:
-    assert TASK.encode() == (
-        '{"sessionId":"s1","subPrdId":"ui-1","specialist":"ui","payload":{"a":[1,2.5,null,"é"],'
-        '"b":{"x":null}},"createdAt":1700000000000}'
-    ).encode()
+    assert (
+        TASK.encode()
+        == (
+            '{"sessionId":"s1","subPrdId":"ui-1","specialist":"ui","payload":{"a":[1,2.5,null,"é"],'
+            '"b":{"x":null}},"createdAt":1700000000000}'
+        ).encode()
+    )
     assert TASK.to_wire() == orjson.loads(TASK.encode())
     assert OrchestratorTask(session_id="a", sub_prd_id="b", created_at=1).encode() == (
         b'{"sessionId":"a","subPrdId":"b","specialist":null,"payload":null,"createdAt":1}'
@@ -69,18 +87,31 @@ def test_the_bytes_on_the_wire_are_unchanged() -> None:
         b'{"sessionId":"s","subPrdId":"p","success":true,"result":{"r":1},"error":null,"completedAt":2}'
     )
     assert (TASK.subject, TASK.dedupe_id, result.subject) == (
-        "orchestrator.tasks.s1.ui-1", "s1.ui-1", "orchestrator.results.s.p"
+        "orchestrator.tasks.s1.ui-1",
+        "s1.ui-1",
+        "orchestrator.results.s.p",
     )
 
 
 def test_a_dead_letter_is_stored_with_snake_case_keys_and_without_its_id() -> None:
     letter = DeadLetter(
-        task={"sessionId": "s"}, task_id="s.p", subject="orchestrator.tasks.s.p", attempts=3, last_error="x",
+        task={"sessionId": "s"},
+        task_id="s.p",
+        subject="orchestrator.tasks.s.p",
+        attempts=3,
+        last_error="x",
         failed_at=7,
     )
     body = letter.to_dict(exclude={"id"})
-    assert body == {"task": {"sessionId": "s"}, "task_id": "s.p", "subject": "orchestrator.tasks.s.p",
-                    "attempts": 3, "last_error": "x", "failed_at": 7, "kind": "task"}
+    assert body == {
+        "task": {"sessionId": "s"},
+        "task_id": "s.p",
+        "subject": "orchestrator.tasks.s.p",
+        "attempts": 3,
+        "last_error": "x",
+        "failed_at": 7,
+        "kind": "task",
+    }
     assert list(body) == ["task", "task_id", "subject", "attempts", "last_error", "failed_at", "kind"]
     older = {k: v for k, v in body.items() if k != "kind"}  # stored before results had letters
     assert DeadLetter.from_dict({**older, "id": "3"}).kind == "task"
@@ -194,8 +225,19 @@ def _outcome(read: Any) -> object:
 
 @given(
     st.dictionaries(
-        st.sampled_from(["sessionId", "session_id", "subPrdId", "sub_prd_id", "specialist", "payload",
-                         "createdAt", "created_at", "other"]),
+        st.sampled_from(
+            [
+                "sessionId",
+                "session_id",
+                "subPrdId",
+                "sub_prd_id",
+                "specialist",
+                "payload",
+                "createdAt",
+                "created_at",
+                "other",
+            ]
+        ),
         json_values | tokens,
         max_size=9,
     )

@@ -37,7 +37,8 @@ def spawn(tmp_path: Path, nats_server: NatsServer) -> Iterator[object]:
         log, ready = tmp_path / f"{name}.log", tmp_path / f"{name}.ready"
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.workqueue.worker_proc", nats_server.url, str(log), str(ready), *extra],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         procs.append(Proc(proc, log, ready))
         return procs[-1]

@@ -35,8 +35,13 @@ async def wq(client: NatsClient) -> Any:
 
 def task(session: str, sub: str, specialist: str | None = None, **payload: Any) -> dict[str, Any]:
     """A task in the spec's camelCase form."""
-    return {"sessionId": session, "subPrdId": sub, "specialist": specialist, "payload": payload,
-            "createdAt": 1_700_000_000_000}
+    return {
+        "sessionId": session,
+        "subPrdId": sub,
+        "specialist": specialist,
+        "payload": payload,
+        "createdAt": 1_700_000_000_000,
+    }
 
 
 async def stream_messages(client: NatsClient, subject_filter: str) -> int:
@@ -50,8 +55,13 @@ async def stream_messages(client: NatsClient, subject_filter: str) -> int:
 def test_task_accepts_camel_and_snake_case_and_sends_camel_case() -> None:
     camel = OrchestratorTask.from_dict(task("s1", "ui-1", "ui-agent", story="login"))
     snake = OrchestratorTask.from_dict(
-        {"session_id": "s1", "sub_prd_id": "ui-1", "specialist": "ui-agent", "payload": {"story": "login"},
-         "created_at": 1_700_000_000_000}
+        {
+            "session_id": "s1",
+            "sub_prd_id": "ui-1",
+            "specialist": "ui-agent",
+            "payload": {"story": "login"},
+            "created_at": 1_700_000_000_000,
+        }
     )
     assert camel == snake
     assert camel.subject == "orchestrator.tasks.s1.ui-1"
@@ -93,15 +103,23 @@ async def test_spec_example_enqueue_work_collect(wq: WorkQueue) -> None:
 
     async def handler(t: OrchestratorTask) -> dict[str, Any]:
         seen.append(t)
-        return {"sessionId": t.session_id, "subPrdId": t.sub_prd_id, "success": True,
-                "result": {"built": t.payload["story"]}, "completedAt": 1}
+        return {
+            "sessionId": t.session_id,
+            "subPrdId": t.sub_prd_id,
+            "success": True,
+            "result": {"built": t.payload["story"]},
+            "completedAt": 1,
+        }
 
     stop = await wq.start_orchestrator_worker(handler)
     results = await wq.collect_results("session-123", 1, timeout=10.0)
     await stop()
     assert results.complete and results.missing == []
-    assert results == [TaskResult(session_id="session-123", sub_prd_id="ui-component", success=True,
-                                  result={"built": "Build"}, completed_at=1)]
+    assert results == [
+        TaskResult(
+            session_id="session-123", sub_prd_id="ui-component", success=True, result={"built": "Build"}, completed_at=1
+        )
+    ]
     assert [t.specialist for t in seen] == ["ui-agent"]
 
 
@@ -121,6 +139,7 @@ async def test_reenqueue_of_the_same_task_runs_once(wq: WorkQueue, client: NatsC
     assert await stream_messages(client, "orchestrator.results.>") == 0
     await stop()
     assert calls == {"a": 1}
+
     async def stream_empty() -> bool:  # the task and its collected result are removed
         return await stream_messages(client, "orchestrator.>") == 0
 
@@ -240,12 +259,13 @@ async def test_malformed_task_message_is_a_failure_result_not_retried(wq: WorkQu
 
 @pytest.mark.parametrize(
     ("returned", "message"),
-    [("done", "handler returned str"), ({"result": 1}, "no 'success' field"),
-     ({"success": True, "subPrdId": "other"}, "result for s/other while processing s/a")],
+    [
+        ("done", "handler returned str"),
+        ({"result": 1}, "no 'success' field"),
+        ({"success": True, "subPrdId": "other"}, "result for s/other while processing s/a"),
+    ],
 )
-async def test_handler_returning_a_wrong_shape_is_a_failure_result(
-    wq: WorkQueue, returned: Any, message: str
-) -> None:
+async def test_handler_returning_a_wrong_shape_is_a_failure_result(wq: WorkQueue, returned: Any, message: str) -> None:
     await wq.enqueue_orchestrator_task(task("s", "a"))
     calls = 0
 
@@ -440,8 +460,9 @@ async def test_server_restart_loses_nothing(wq: WorkQueue, client: NatsClient, n
 
     await client.wait_connected(20)
     await eventually(lambda: client.is_connected, timeout=20, what="reconnected")
-    stop = await eventually(_try(wq.start_orchestrator_worker, handler, concurrency=4), timeout=20, interval=0.2,
-                            what="worker started")
+    stop = await eventually(
+        _try(wq.start_orchestrator_worker, handler, concurrency=4), timeout=20, interval=0.2, what="worker started"
+    )
     assert (await wq.collect_results("s", 20, 20.0)).complete
     # And a running worker survives a restart (nats.py #504: pull subscriptions can go silent).
     await asyncio.to_thread(nats_server.restart)
@@ -497,9 +518,20 @@ async def test_enqueue_without_nats_raises_instead_of_dropping() -> None:
 
 
 def test_public_names_are_exported() -> None:
-    for name in ("WorkQueue", "OrchestratorTask", "TaskResult", "ResultSet", "DeadLetter", "EnqueueReceipt",
-                 "enqueue_orchestrator_task", "start_orchestrator_worker", "collect_results",
-                 "subscribe_to_results", "list_dead_letters", "requeue_dead_letter"):
+    for name in (
+        "WorkQueue",
+        "OrchestratorTask",
+        "TaskResult",
+        "ResultSet",
+        "DeadLetter",
+        "EnqueueReceipt",
+        "enqueue_orchestrator_task",
+        "start_orchestrator_worker",
+        "collect_results",
+        "subscribe_to_results",
+        "list_dead_letters",
+        "requeue_dead_letter",
+    ):
         assert name in pkg.__all__ and callable(getattr(pkg, name)), name
 
 
