@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 DEFAULT_NATS_URL = "nats://localhost:4222"
 
@@ -32,6 +33,15 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _positive(value: _N, name: str) -> _N:
+    if value <= 0:
+        raise ValueError(f"environment variable {name}={value:g} must be positive")
+    return value
 
 
 def _str(env: Mapping[str, str], name: str) -> str | None:
@@ -72,6 +82,10 @@ class Settings:
     ws_publish_window: int = 1024
     ws_history_max: int = 10_000
     ws_max_bad_frames: int = 10
+    ws_max_feeds: int = 1000
+    ws_subscribe_rate: float = 10.0
+    ws_subscribe_burst: int = 20
+    ws_symbols: str | None = None
     a2a_agent_ttl: float = 30.0
     a2a_heartbeat_interval: float = 10.0
     gc_gen0_threshold: int = 50_000
@@ -123,6 +137,10 @@ class Settings:
             ws_publish_window=_int(e, "WS_PUBLISH_WINDOW", 1024),
             ws_history_max=_int(e, "WS_HISTORY_MAX", 10_000),
             ws_max_bad_frames=_int(e, "WS_MAX_BAD_FRAMES", 10),
+            ws_max_feeds=_positive(_int(e, "WS_MAX_FEEDS", 1000), "WS_MAX_FEEDS"),
+            ws_subscribe_rate=_positive(_float(e, "WS_SUBSCRIBE_RATE", 10.0), "WS_SUBSCRIBE_RATE"),
+            ws_subscribe_burst=_positive(_int(e, "WS_SUBSCRIBE_BURST", 20), "WS_SUBSCRIBE_BURST"),
+            ws_symbols=_str(e, "WS_SYMBOLS"),
             a2a_agent_ttl=_float(e, "A2A_AGENT_TTL", 30.0),
             a2a_heartbeat_interval=_float(e, "A2A_HEARTBEAT_INTERVAL", 10.0),
             gc_gen0_threshold=_int(e, "GC_GEN0_THRESHOLD", 50_000),

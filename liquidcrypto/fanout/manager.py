@@ -22,7 +22,7 @@ from typing import Any
 from liquidcrypto import codec
 from liquidcrypto.config import Settings
 from liquidcrypto.errors import BackendUnavailableError, InvalidPayloadError, LiquidNatsError
-from liquidcrypto.fanout import metrics, protocol
+from liquidcrypto.fanout import limits, metrics, protocol
 from liquidcrypto.fanout.backend import Backend
 from liquidcrypto.fanout.session import ClientSession, QueuePolicy, SymbolState
 from liquidcrypto.nats import subjects
@@ -33,6 +33,8 @@ from liquidcrypto.nats.tasks import TaskSet
 log = logging.getLogger(__name__)
 
 Unsubscribe = Callable[[], Awaitable[None]]
+FEED_RETRY_FIRST = 0.25
+FEED_RETRY_MAX = 10.0
 _instances = itertools.count(1)
 
 
@@ -162,6 +164,10 @@ class NatsWebSocketManager:
         self._feeds: dict[str, _Feed] = {}
         self.sessions: set[ClientSession] = set()
         self._handler_tasks = TaskSet("trade-handler")
+        self.symbol_filter = limits.SymbolFilter(self.settings.ws_symbols)
+        self._buckets: dict[ClientSession, limits.TokenBucket] = {}
+        self._feed_retry = asyncio.Event()  # some feed waits to be (re)opened
+        self._retry_tasks = TaskSet("ws-feed-retry")
         self._closed = False
         self.broadcasts_received = 0
         self.bad_messages = 0
@@ -193,6 +199,7 @@ class NatsWebSocketManager:
             client = self._client or get_client()
             self._client = client
             backend = NatsBackend(client, window=self.settings.ws_publish_window)
+            backend.on_feed_lost = self._feed_lost
             client.on_connect(self._reopen_feeds)
         else:
             from liquidcrypto.fanout.redis_backend import RedisBackend
@@ -200,6 +207,7 @@ class NatsWebSocketManager:
             backend = RedisBackend(self.settings.redis_url, on_recovered=self._open_waiting_feeds)
         await backend.start(self._on_trade, self._on_broadcast)
         self._backend = backend
+        self._retry_tasks.spawn(self._retry_waiting_feeds(), "ws-feed-retry")
         log.info("WebSocket manager %s started with the %s backend", self.instance_id, self.backend_name)
 
     async def close(self) -> None:
@@ -210,6 +218,7 @@ class NatsWebSocketManager:
         for session in list(self.sessions):
             session.kick(1001, "server shutting down")
         await self._handler_tasks.cancel()
+        await self._retry_tasks.cancel()
         if self._client is not None:
             self._client.remove_on_connect(self._reopen_feeds)
         if self._backend is not None:
@@ -319,7 +328,11 @@ class NatsWebSocketManager:
             if handler is not None:
                 feed.handlers.add(handler)
             if not feed.open:
-                await self.backend.open_feed(symbol)
+                try:
+                    await self.backend.open_feed(symbol)
+                except BackendUnavailableError:
+                    self._feed_retry.set()  # retried with back-off while someone listens
+                    raise
                 feed.open = True
 
     async def _remove(
@@ -333,10 +346,11 @@ class NatsWebSocketManager:
                 feed.sessions.discard(session)
             if handler is not None:
                 feed.handlers.discard(handler)
-            if feed.empty and feed.open:
+            if feed.empty and not self._closed:  # closing stops the backend and all its feeds
+                # Also when not open: a feed lost after a failed resumption keeps where it
+                # stopped on the backend until it is closed.
                 feed.open = False
-                if not self._closed:  # closing stops the backend and all its feeds
-                    await self.backend.close_feed(symbol)
+                await self.backend.close_feed(symbol)
             if feed.empty and self._feeds.get(symbol) is feed:
                 del self._feeds[symbol]
 
@@ -373,7 +387,12 @@ class NatsWebSocketManager:
             yield
 
     async def _open_waiting_feeds(self) -> None:
-        """Open the feeds that clients wait for but that could not open (backend down)."""
+        await self._try_waiting_feeds()
+
+    async def _try_waiting_feeds(self) -> bool:
+        """Open the feeds that listeners wait for but that could not open (backend down,
+        consumer limit reached, a resumption that failed); whether none waits any more."""
+        done = True
         for feed in list(self._feeds.values()):
             async with feed.lock:
                 if not feed.open and not feed.empty:
@@ -381,7 +400,35 @@ class NatsWebSocketManager:
                         await self.backend.open_feed(feed.symbol)
                         feed.open = True
                     except BackendUnavailableError as exc:
+                        done = False
                         log.warning("reopening the feed of %s failed: %s", feed.symbol, exc)
+        if not done:
+            self._feed_retry.set()
+        return done
+
+    def _feed_lost(self, symbol: str) -> None:
+        """The backend lost the feed of ``symbol`` (its re-creation failed): reopen it later."""
+        feed = self._feeds.get(symbol)
+        if feed is not None:
+            feed.open = False
+        self._feed_retry.set()
+
+    async def _retry_waiting_feeds(self) -> None:
+        """Retry the waiting feeds with back-off (0.25 s doubling to 10 s) while any waits.
+
+        A reconnection reopens them too; this covers a backend that is up but refused
+        (e.g. the server's consumer limit), which no reconnection would ever retry.
+        """
+        while True:
+            await self._feed_retry.wait()
+            delay = FEED_RETRY_FIRST
+            while True:
+                self._feed_retry.clear()
+                await asyncio.sleep(delay)
+                connected = self._client is None or self._client.is_connected
+                if connected and await self._try_waiting_feeds():
+                    break
+                delay = min(delay * 2, FEED_RETRY_MAX)
 
     def _on_trade(self, symbol: str, seq: int, payload: bytes) -> None:
         feed = self._feeds.get(symbol)
@@ -432,21 +479,24 @@ class NatsWebSocketManager:
                     self._past[k] += v
             self._past["slow_disconnects"] += session.close_code == 1013
         metrics.CLIENTS.set(len(self.sessions))
+        self._buckets.pop(session, None)
         for symbol in list(session.symbols):
             await self._remove(symbol, session=session)
         session.symbols.clear()
 
     async def client_subscribe(self, session: ClientSession, request: protocol.Subscribe) -> None:
-        """Subscribe a client; with ``since_seq``/``last``, replay history first."""
-        new = [s for s in request.symbols if s not in session.symbols]
-        limit = self.settings.ws_max_symbols
-        if len(session.symbols) + len(new) > limit:
-            session.offer(
-                protocol.error_frame(
-                    f"subscribing to {len(new)} more symbols would exceed the limit of {limit} per client"
-                )
-            )
+        """Subscribe a client; with ``since_seq``/``last``, replay history first.
+
+        Limits (each answered with an error frame whose ``code`` is a ``limits.ErrorCode``;
+        the session goes on): the subscribe rate and the symbols per client refuse the
+        whole frame; the allow-list and the feeds per instance refuse the symbols concerned.
+        """
+        symbols = self._admitted(session, request)
+        if symbols is None:
             return
+        request = protocol.Subscribe(
+            symbols=tuple(symbols), since_seq=request.since_seq, last=request.last, conflate=request.conflate
+        )
         # Which symbols get history: all with "last" or an int "since_seq"; with a
         # per-symbol "since_seq" dict only the symbols it names (the others go live).
         since_of: dict[str, int | None] = {}
@@ -457,9 +507,14 @@ class NatsWebSocketManager:
             elif request.since_seq is not None or request.last is not None:
                 since_of[symbol] = request.since_seq
         replay = self.backend.supports_history
+        full: list[str] = []
         for symbol in request.symbols:
             state = session.symbols.get(symbol)
             if state is None:
+                if symbol not in self._feeds and len(self._feeds) >= self.settings.ws_max_feeds:
+                    full.append(symbol)  # checked and added with no await between: a hard cap
+                    since_of.pop(symbol, None)
+                    continue
                 state = session.symbols[symbol] = SymbolState()
             state.conflate = request.conflate
             if replay and symbol in since_of:
@@ -467,8 +522,18 @@ class NatsWebSocketManager:
             try:
                 await self._add(symbol, session=session)
             except BackendUnavailableError as exc:
-                session.offer(protocol.error_frame(f"trades of {symbol} are unavailable now: {exc}"))
-        session.offer(protocol.frame("subscribed", symbols=list(request.symbols)))
+                session.offer(
+                    limits.error_frame(limits.ErrorCode.UNAVAILABLE, f"trades of {symbol} are unavailable now: {exc}")
+                )
+        if full:
+            session.offer(
+                limits.error_frame(
+                    limits.ErrorCode.FEED_LIMIT,
+                    f"this instance follows its limit of {self.settings.ws_max_feeds} symbols; "
+                    f"not subscribed: {', '.join(full)}",
+                )
+            )
+        session.offer(protocol.frame("subscribed", symbols=[s for s in request.symbols if s not in full]))
         for symbol, since in since_of.items():
             if not replay:
                 session.offer(
@@ -482,6 +547,44 @@ class NatsWebSocketManager:
                 )
                 continue
             session.spawn(self._replay(session, symbol, since, request.last), f"replay:{symbol}")
+
+    def _admitted(self, session: ClientSession, request: protocol.Subscribe) -> list[str] | None:
+        """The symbols of ``request`` this client may subscribe to, or ``None`` when the
+        whole frame is refused (rate limit, symbols per client); errors are offered."""
+        settings = self.settings
+        bucket = self._buckets.get(session)
+        if bucket is None:
+            bucket = self._buckets[session] = limits.TokenBucket(
+                settings.ws_subscribe_rate, settings.ws_subscribe_burst
+            )
+        if not bucket.take():
+            session.offer(
+                limits.error_frame(
+                    limits.ErrorCode.RATE_LIMITED,
+                    f"more than {settings.ws_subscribe_rate:g} subscribe frames per second "
+                    f"(bursts of {settings.ws_subscribe_burst}); frame ignored",
+                )
+            )
+            return None
+        symbols = [s for s in request.symbols if self.symbol_filter.allows(s)]
+        if len(symbols) < len(request.symbols):
+            refused = [s for s in request.symbols if s not in symbols]
+            session.offer(
+                limits.error_frame(
+                    limits.ErrorCode.SYMBOL_NOT_ALLOWED, f"symbols not offered here: {', '.join(refused)}"
+                )
+            )
+        new = [s for s in symbols if s not in session.symbols]
+        limit = settings.ws_max_symbols
+        if len(session.symbols) + len(new) > limit:
+            session.offer(
+                limits.error_frame(
+                    limits.ErrorCode.SYMBOL_LIMIT,
+                    f"subscribing to {len(new)} more symbols would exceed the limit of {limit} per client",
+                )
+            )
+            return None
+        return symbols
 
     async def _replay(self, session: ClientSession, symbol: str, since: int | None, last: int | None) -> None:
         feed = self._feeds.get(symbol)

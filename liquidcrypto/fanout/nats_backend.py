@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -90,6 +91,10 @@ class NatsBackend:
         self._feeds: dict[str, StreamSubscription] = {}
         self._feed_last: dict[str, int] = {}  # last stream sequence each feed delivered
         self._feed_gen: dict[str, int] = {}  # bumped at each (re)subscription of a feed
+        # Feeds whose re-creation failed: where to resume when they are opened again.
+        self._lost: dict[str, int] = {}
+        # Told the symbol of a feed lost that way (the manager reopens it with back-off).
+        self.on_feed_lost: Callable[[str], None] = lambda symbol: None
         self._tasks = TaskSet("ws-backend")
         self._broadcast_sub: Subscription | None = None
         self._ids = itertools.count(1)
@@ -270,12 +275,17 @@ class NatsBackend:
         """
         if symbol in self._feeds:
             return
-        try:
-            state = (await self.client.js.stream_info(TRADE_EVENTS)).state
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
-        # Start right after what is stored now (like "new", but from a known sequence).
-        await self._subscribe_feed(symbol, int(state.last_seq or 0) + 1)
+        if symbol in self._lost:
+            # A feed lost when its re-creation failed resumes where it stopped: no gap.
+            await self._subscribe_feed(symbol, self._lost[symbol] + 1)
+            del self._lost[symbol]
+        else:
+            try:
+                state = (await self.client.js.stream_info(TRADE_EVENTS)).state
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
+            # Start right after what is stored now (like "new", but from a known sequence).
+            await self._subscribe_feed(symbol, int(state.last_seq or 0) + 1)
         metrics.FEEDS.inc()
 
     async def _subscribe_feed(self, symbol: str, start: int) -> None:
@@ -382,8 +392,8 @@ class NatsBackend:
             try:
                 await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
             except NatsUnavailableError as exc:
-                # Reconnection will resume it (resume_feeds).
                 log.warning("recreating the feed of %s failed: %s", symbol, exc)
+                self._lose(symbol)
 
     async def resume_feeds(self) -> None:
         """After a reconnection: recreate every feed right after the last trade it delivered.
@@ -398,10 +408,20 @@ class NatsBackend:
                     await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
                 except NatsUnavailableError as exc:
                     log.warning("resuming the feed of %s failed: %s", symbol, exc)
+                    self._lose(symbol)
+
+    def _lose(self, symbol: str) -> None:
+        """Forget the dead subscription of a feed whose re-creation failed, keep where it
+        stopped, and tell the manager, which reopens it (``open_feed``) with back-off."""
+        self._feeds.pop(symbol, None)
+        self._lost[symbol] = self._feed_last.pop(symbol, 0)
+        metrics.FEEDS.dec()
+        self.on_feed_lost(symbol)
 
     async def close_feed(self, symbol: str) -> None:
         sub = self._feeds.pop(symbol, None)
         self._feed_last.pop(symbol, None)
+        self._lost.pop(symbol, None)
         if sub is None:
             return
         metrics.FEEDS.dec()

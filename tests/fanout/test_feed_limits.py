@@ -158,8 +158,8 @@ async def test_a_feed_whose_resumption_failed_comes_back(tmp_path: Path) -> None
         srv.stop()
         srv.extra_config = account_limits(3)
         srv.start()
-        await eventually(lambda: client.is_connected and other.is_connected, timeout=20, what="reconnected")
-        await eventually(lambda: "RESUME" not in m.stats()["feeds"], timeout=10, what="the failed feed marked closed")
+        await eventually(lambda: "RESUME" not in m.stats()["feeds"], timeout=20, what="the failed feed marked closed")
+        await other.wait_connected(20)
         await other.js_publish("trades.RESUME", {"i": 1})
         await other.js.delete_consumer(TRADE_EVENTS, "block0")  # room again
         await eventually(lambda: "RESUME" in m.stats()["feeds"], timeout=15, what="the feed reopened")
