@@ -83,8 +83,8 @@ class Settings:
     ws_history_max: int = 10_000
     ws_max_bad_frames: int = 10
     ws_max_feeds: int = 1000
-    ws_subscribe_rate: float = 10.0
-    ws_subscribe_burst: int = 20
+    ws_subscribe_rate: float = 20.0
+    ws_subscribe_burst: int = 100
     ws_symbols: str | None = None
     a2a_agent_ttl: float = 30.0
     a2a_heartbeat_interval: float = 10.0
@@ -138,8 +138,8 @@ class Settings:
             ws_history_max=_int(e, "WS_HISTORY_MAX", 10_000),
             ws_max_bad_frames=_int(e, "WS_MAX_BAD_FRAMES", 10),
             ws_max_feeds=_positive(_int(e, "WS_MAX_FEEDS", 1000), "WS_MAX_FEEDS"),
-            ws_subscribe_rate=_positive(_float(e, "WS_SUBSCRIBE_RATE", 10.0), "WS_SUBSCRIBE_RATE"),
-            ws_subscribe_burst=_positive(_int(e, "WS_SUBSCRIBE_BURST", 20), "WS_SUBSCRIBE_BURST"),
+            ws_subscribe_rate=_positive(_float(e, "WS_SUBSCRIBE_RATE", 20.0), "WS_SUBSCRIBE_RATE"),
+            ws_subscribe_burst=_positive(_int(e, "WS_SUBSCRIBE_BURST", 100), "WS_SUBSCRIBE_BURST"),
             ws_symbols=_str(e, "WS_SYMBOLS"),
             a2a_agent_ttl=_float(e, "A2A_AGENT_TTL", 30.0),
             a2a_heartbeat_interval=_float(e, "A2A_HEARTBEAT_INTERVAL", 10.0),

@@ -3,8 +3,9 @@
 - ``SymbolFilter``: the optional allow-list ``WS_SYMBOLS``, comma-separated entries, each
   an exact symbol or a shell-style glob (``*``, ``?``, ``[...]``; case-sensitive), e.g.
   ``BTCUSDT,ETH*,*USDC``. Empty or unset: every valid symbol is allowed.
-- ``TokenBucket``: the per-client subscribe rate limit (``WS_SUBSCRIBE_RATE`` frames per
-  second, bursts of ``WS_SUBSCRIBE_BURST``).
+- ``TokenBucket``: the per-client subscribe rate limit: ``WS_SUBSCRIBE_RATE`` tokens per
+  second up to ``WS_SUBSCRIBE_BURST``; a subscribe frame costs one token per symbol the
+  client does not hold yet (at least one), since each may open a JetStream consumer.
 - ``ErrorCode``: the ``code`` of the error frame a client gets when it hits a limit; the
   frame is answered and the session goes on.
 """
@@ -22,7 +23,7 @@ from liquidcrypto.fanout import protocol
 class ErrorCode(StrEnum):
     """``{"type": "error", "code": ...}`` of a refused (part of a) subscribe frame."""
 
-    RATE_LIMITED = "rate_limited"  # WS_SUBSCRIBE_RATE: the whole frame is ignored
+    RATE_LIMITED = "rate_limited"  # WS_SUBSCRIBE_RATE/BURST: the whole frame is ignored
     SYMBOL_LIMIT = "symbol_limit"  # WS_MAX_SYMBOLS per client: the whole frame is ignored
     FEED_LIMIT = "feed_limit"  # WS_MAX_FEEDS per instance: the symbols that would open a feed
     SYMBOL_NOT_ALLOWED = "symbol_not_allowed"  # WS_SYMBOLS: the symbols outside the list
@@ -62,7 +63,7 @@ class SymbolFilter:
 
 
 class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; ``take()`` spends one if there is one.
+    """``rate`` tokens per second up to ``burst``; ``take(n)`` spends ``n`` if there are that many.
 
     Raises:
         ValueError: ``rate`` is not positive or ``burst`` is below 1.
@@ -78,12 +79,12 @@ class TokenBucket:
         self._tokens = float(burst)
         self._at = time.monotonic()
 
-    def take(self) -> bool:
+    def take(self, n: int = 1) -> bool:
         now = time.monotonic()
         self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
         self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._tokens >= n:
+            self._tokens -= n
             return True
         return False
 

@@ -550,22 +550,8 @@ class NatsWebSocketManager:
 
     def _admitted(self, session: ClientSession, request: protocol.Subscribe) -> list[str] | None:
         """The symbols of ``request`` this client may subscribe to, or ``None`` when the
-        whole frame is refused (rate limit, symbols per client); errors are offered."""
+        whole frame is refused (symbols per client, rate limit); errors are offered."""
         settings = self.settings
-        bucket = self._buckets.get(session)
-        if bucket is None:
-            bucket = self._buckets[session] = limits.TokenBucket(
-                settings.ws_subscribe_rate, settings.ws_subscribe_burst
-            )
-        if not bucket.take():
-            session.offer(
-                limits.error_frame(
-                    limits.ErrorCode.RATE_LIMITED,
-                    f"more than {settings.ws_subscribe_rate:g} subscribe frames per second "
-                    f"(bursts of {settings.ws_subscribe_burst}); frame ignored",
-                )
-            )
-            return None
         symbols = [s for s in request.symbols if self.symbol_filter.allows(s)]
         if len(symbols) < len(request.symbols):
             refused = [s for s in request.symbols if s not in symbols]
@@ -581,6 +567,20 @@ class NatsWebSocketManager:
                 limits.error_frame(
                     limits.ErrorCode.SYMBOL_LIMIT,
                     f"subscribing to {len(new)} more symbols would exceed the limit of {limit} per client",
+                )
+            )
+            return None
+        bucket = self._buckets.get(session)
+        if bucket is None:
+            bucket = self._buckets[session] = limits.TokenBucket(
+                settings.ws_subscribe_rate, settings.ws_subscribe_burst
+            )
+        if not bucket.take(max(1, len(new))):
+            session.offer(
+                limits.error_frame(
+                    limits.ErrorCode.RATE_LIMITED,
+                    f"subscribing to {len(new)} new symbols exceeds the rate of {settings.ws_subscribe_rate:g} "
+                    f"symbols per second (bursts of {settings.ws_subscribe_burst}); frame ignored",
                 )
             )
             return None

@@ -16,11 +16,12 @@ import pytest
 
 from liquidcrypto import NatsWebSocketManager, TradeEvent
 from liquidcrypto.config import Settings
+from liquidcrypto.fanout import protocol
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer
 from liquidcrypto.nats.streams import TRADE_EVENTS
 from tests.fanout.support import WsClient, app_instances
-from tests.helpers import eventually
+from tests.helpers import eventually, recording_session
 
 
 def account_limits(max_consumers: int) -> str:
@@ -62,14 +63,22 @@ async def until_pong(ws: WsClient, timeout: float = 60.0) -> list[dict[str, Any]
     return ws.frames[start:]
 
 
+async def until_pong_after(ws: WsClient, frame: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send ``frame`` then a ping; the frames received up to the pong."""
+    start = len(ws.frames)
+    await ws.send(frame)
+    await until_pong(ws)
+    return ws.frames[start:]
+
+
 async def test_subscribe_churn_keeps_consumers_bounded_and_btcusdt_available(
     limited_nats: NatsServer, tmp_path: Path
 ) -> None:
     env = {
         "NATS_URL": limited_nats.url,
         "WS_MAX_FEEDS": "40",
-        "WS_SUBSCRIBE_RATE": "5",
-        "WS_SUBSCRIBE_BURST": "5",
+        "WS_SUBSCRIBE_RATE": "50",
+        "WS_SUBSCRIBE_BURST": "100",
     }
     client = NatsClient(limited_nats.url, settings=Settings())
     await client.connect(wait=15)
@@ -118,7 +127,7 @@ async def test_subscribe_churn_keeps_consumers_bounded_and_btcusdt_available(
 async def test_symbols_outside_the_allow_list_are_refused_without_a_consumer(
     limited_nats: NatsServer, tmp_path: Path
 ) -> None:
-    env = {"NATS_URL": limited_nats.url, "WS_SYMBOLS": "BTCUSDT, ETH*"}
+    env = {"NATS_URL": limited_nats.url, "WS_SYMBOLS": "BTCUSDT, ETH*", "WS_MAX_SYMBOLS": "3"}
     client = NatsClient(limited_nats.url, settings=Settings())
     await client.connect(wait=15)
     try:
@@ -131,6 +140,12 @@ async def test_symbols_outside_the_allow_list_are_refused_without_a_consumer(
             assert await consumer_count(client) == 2
             await client.js_publish("trades.ETHUSDT", {"price": 3000})
             assert (await ws.trades(1, timeout=2.0))[0]["symbol"] == "ETHUSDT"
+            # Two more would make four symbols for this client: the frame is refused, the session goes on.
+            frames = await until_pong_after(ws, {"action": "subscribe", "symbols": ["ETHBTC", "ETHEUR"]})
+            over = [f for f in frames if f["type"] == "error"]
+            assert [f["code"] for f in over] == ["symbol_limit"] and "limit of 3" in over[0]["message"]
+            assert not any(f["type"] == "subscribed" for f in frames)
+            assert await consumer_count(client) == 2
             await ws.close()
     finally:
         await client.close()
@@ -170,5 +185,32 @@ async def test_a_feed_whose_resumption_failed_comes_back(tmp_path: Path) -> None
     finally:
         await m.close()
         await other.close()
+        await client.close()
+        srv.stop()
+
+
+async def test_a_feed_refused_by_the_consumer_limit_opens_once_there_is_room(tmp_path: Path) -> None:
+    """Before, a feed that could not open waited for the next reconnection, which never came:
+    the client was told "unavailable" and got nothing, even after consumers were freed."""
+    srv = NatsServer(tmp_path / "nats", extra_config=account_limits(2))
+    srv.start()
+    client = NatsClient(srv.url, settings=Settings())
+    await client.connect(wait=15)
+    m = NatsWebSocketManager(client)
+    await m.init()
+    try:
+        for i in range(2):
+            await client.js.add_consumer(TRADE_EVENTS, durable_name=f"block{i}", filter_subject=f"trades.B{i}")
+        async with recording_session(m) as (session, sent):
+            await m.client_subscribe(session, protocol.Subscribe(symbols=("BTCUSDT",)))
+            await eventually(lambda: any(f["type"] == "subscribed" for f in sent), what="subscribed")
+            errors = [f for f in sent if f["type"] == "error"]
+            assert [f["code"] for f in errors] == ["unavailable"]
+            await client.js.delete_consumer(TRADE_EVENTS, "block0")
+            await eventually(lambda: m.stats()["feeds"] == ["BTCUSDT"], timeout=10, what="the feed opened")
+            await client.js_publish("trades.BTCUSDT", {"price": 95000})
+            await eventually(lambda: any(f["type"] == "trade" for f in sent), what="a trade")
+    finally:
+        await m.close()
         await client.close()
         srv.stop()
