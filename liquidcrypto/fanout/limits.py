@@ -17,7 +17,9 @@ import re
 import time
 from enum import StrEnum
 
+from liquidcrypto.config import Settings
 from liquidcrypto.fanout import protocol
+from liquidcrypto.fanout.session import ClientSession
 
 
 class ErrorCode(StrEnum):
@@ -92,3 +94,48 @@ class TokenBucket:
 def error_frame(code: ErrorCode, message: str) -> str:
     """An error frame with a machine-readable ``code`` (see ``ErrorCode``)."""
     return protocol.frame("error", code=code.value, message=message)
+
+
+class ClientLimits:
+    """The per-client checks of a subscribe frame (the per-instance feed cap is the
+    manager's, checked right where a feed is added)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.symbols = SymbolFilter(settings.ws_symbols)
+        self._buckets: dict[ClientSession, TokenBucket] = {}
+
+    def forget(self, session: ClientSession) -> None:
+        self._buckets.pop(session, None)
+
+    def admit(self, session: ClientSession, request: protocol.Subscribe) -> list[str] | None:
+        """The symbols of ``request`` this client may subscribe to, or ``None`` when the
+        whole frame is refused (symbols per client, rate limit); error frames are offered."""
+        settings = self.settings
+        symbols = [s for s in request.symbols if self.symbols.allows(s)]
+        if len(symbols) < len(request.symbols):
+            refused = [s for s in request.symbols if s not in symbols]
+            session.offer(error_frame(ErrorCode.SYMBOL_NOT_ALLOWED, f"symbols not offered here: {', '.join(refused)}"))
+        new = [s for s in symbols if s not in session.symbols]
+        limit = settings.ws_max_symbols
+        if len(session.symbols) + len(new) > limit:
+            session.offer(
+                error_frame(
+                    ErrorCode.SYMBOL_LIMIT,
+                    f"subscribing to {len(new)} more symbols would exceed the limit of {limit} per client",
+                )
+            )
+            return None
+        bucket = self._buckets.get(session)
+        if bucket is None:
+            bucket = self._buckets[session] = TokenBucket(settings.ws_subscribe_rate, settings.ws_subscribe_burst)
+        if not bucket.take(max(1, len(new))):
+            session.offer(
+                error_frame(
+                    ErrorCode.RATE_LIMITED,
+                    f"subscribing to {len(new)} new symbols exceeds the rate of {settings.ws_subscribe_rate:g} "
+                    f"symbols per second (bursts of {settings.ws_subscribe_burst}); frame ignored",
+                )
+            )
+            return None
+        return symbols

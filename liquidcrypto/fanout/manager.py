@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import logging
 import os
@@ -24,10 +23,10 @@ from liquidcrypto.config import Settings
 from liquidcrypto.errors import BackendUnavailableError, InvalidPayloadError, LiquidNatsError
 from liquidcrypto.fanout import limits, metrics, protocol
 from liquidcrypto.fanout.backend import Backend
+from liquidcrypto.fanout.handlers import HandlerListener
 from liquidcrypto.fanout.session import ClientSession, QueuePolicy, SymbolState
 from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient, get_client
-from liquidcrypto.nats.subscription import call_handler, is_async_handler
 from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -38,81 +37,12 @@ FEED_RETRY_MAX = 10.0
 _instances = itertools.count(1)
 
 
-@dataclass(frozen=True, kw_only=True)
-class TradeEvent:
-    """A trade as a ``subscribe_to_trade_events(..., with_meta=True)`` handler gets it."""
-
-    symbol: str
-    data: Any
-    seq: int
-
-
-class _HandlerListener:
-    """A ``subscribe_to_trade_events`` handler behind its own bounded queue and task."""
-
-    def __init__(self, handler: Callable[[Any], Any], with_meta: bool, size: int) -> None:
-        self.handler = handler
-        self.with_meta = with_meta
-        self.queue: asyncio.Queue[TradeEvent] = asyncio.Queue(size)
-        self.dropped = 0
-        self.task: asyncio.Task[None] | None = None
-        self.on_drop: Callable[[], None] = lambda: None
-
-    def offer_trade(self, symbol: str, seq: int, data: Any) -> None:
-        if self.queue.full():
-            self.queue.get_nowait()
-            self.dropped += 1
-            self.on_drop()
-            metrics.HANDLER_DROPPED.inc()
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("trade handler %r lags: %d trades dropped", self.handler, self.dropped)
-        self.queue.put_nowait(TradeEvent(symbol=symbol, data=data, seq=seq))
-
-    async def run(self) -> None:
-        if not is_async_handler(self.handler):
-            await self._run_plain()
-            return
-        while True:
-            event = await self.queue.get()
-            try:
-                await call_handler(self.handler, event if self.with_meta else event.data)
-            except Exception:
-                log.exception("trade handler %r failed on %s seq %d", self.handler, event.symbol, event.seq)
-
-    async def _run_plain(self) -> None:
-        """A plain (non-async) handler runs in a thread, so it never stops the event loop;
-        it gets every trade queued at that moment in one thread hop (one hop per trade
-        would make even a quick handler lag behind a burst)."""
-        while True:
-            batch = [await self.queue.get()]
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            for event, pending in await call_handler(self._handle_batch, batch):
-                try:
-                    await pending
-                except Exception:
-                    log.exception("trade handler %r failed on %s seq %d", self.handler, event.symbol, event.seq)
-
-    def _handle_batch(self, batch: list[TradeEvent]) -> list[tuple[TradeEvent, Awaitable[Any]]]:
-        """In a thread: the handler for each trade; awaitables it returned, for the loop."""
-        later: list[tuple[TradeEvent, Awaitable[Any]]] = []
-        for event in batch:
-            try:
-                result = self.handler(event if self.with_meta else event.data)
-            except Exception:
-                log.exception("trade handler %r failed on %s seq %d", self.handler, event.symbol, event.seq)
-                continue
-            if inspect.isawaitable(result):
-                later.append((event, result))
-        return later
-
-
 @dataclass(eq=False)
 class _Feed:
     symbol: str
     prefix: str
     sessions: set[ClientSession] = field(default_factory=set)
-    handlers: set[_HandlerListener] = field(default_factory=set)
+    handlers: set[HandlerListener] = field(default_factory=set)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     open: bool = False
 
@@ -164,8 +94,7 @@ class NatsWebSocketManager:
         self._feeds: dict[str, _Feed] = {}
         self.sessions: set[ClientSession] = set()
         self._handler_tasks = TaskSet("trade-handler")
-        self.symbol_filter = limits.SymbolFilter(self.settings.ws_symbols)
-        self._buckets: dict[ClientSession, limits.TokenBucket] = {}
+        self.limits = limits.ClientLimits(self.settings)
         self._feed_retry = asyncio.Event()  # some feed waits to be (re)opened
         self._retry_tasks = TaskSet("ws-feed-retry")
         self._closed = False
@@ -285,7 +214,7 @@ class NatsWebSocketManager:
             BackendUnavailableError: the backend cannot subscribe now.
         """
         names = _symbol_list(symbols)
-        listener = _HandlerListener(handler, with_meta, self.settings.ws_queue_size)
+        listener = HandlerListener(handler, with_meta, self.settings.ws_queue_size)
         listener.on_drop = self._count_handler_drop
         task = self._handler_tasks.spawn(listener.run(), ",".join(names))
         listener.task = task
@@ -316,7 +245,7 @@ class NatsWebSocketManager:
     # -- feeds -------------------------------------------------------------------
 
     async def _add(
-        self, symbol: str, *, session: ClientSession | None = None, handler: _HandlerListener | None = None
+        self, symbol: str, *, session: ClientSession | None = None, handler: HandlerListener | None = None
     ) -> None:
         feed = self._feeds.get(symbol)
         if feed is None:
@@ -336,7 +265,7 @@ class NatsWebSocketManager:
                 feed.open = True
 
     async def _remove(
-        self, symbol: str, *, session: ClientSession | None = None, handler: _HandlerListener | None = None
+        self, symbol: str, *, session: ClientSession | None = None, handler: HandlerListener | None = None
     ) -> None:
         feed = self._feeds.get(symbol)
         if feed is None:
@@ -479,7 +408,7 @@ class NatsWebSocketManager:
                     self._past[k] += v
             self._past["slow_disconnects"] += session.close_code == 1013
         metrics.CLIENTS.set(len(self.sessions))
-        self._buckets.pop(session, None)
+        self.limits.forget(session)
         for symbol in list(session.symbols):
             await self._remove(symbol, session=session)
         session.symbols.clear()
@@ -491,7 +420,7 @@ class NatsWebSocketManager:
         the session goes on): the subscribe rate and the symbols per client refuse the
         whole frame; the allow-list and the feeds per instance refuse the symbols concerned.
         """
-        symbols = self._admitted(session, request)
+        symbols = self.limits.admit(session, request)
         if symbols is None:
             return
         request = protocol.Subscribe(
@@ -547,44 +476,6 @@ class NatsWebSocketManager:
                 )
                 continue
             session.spawn(self._replay(session, symbol, since, request.last), f"replay:{symbol}")
-
-    def _admitted(self, session: ClientSession, request: protocol.Subscribe) -> list[str] | None:
-        """The symbols of ``request`` this client may subscribe to, or ``None`` when the
-        whole frame is refused (symbols per client, rate limit); errors are offered."""
-        settings = self.settings
-        symbols = [s for s in request.symbols if self.symbol_filter.allows(s)]
-        if len(symbols) < len(request.symbols):
-            refused = [s for s in request.symbols if s not in symbols]
-            session.offer(
-                limits.error_frame(
-                    limits.ErrorCode.SYMBOL_NOT_ALLOWED, f"symbols not offered here: {', '.join(refused)}"
-                )
-            )
-        new = [s for s in symbols if s not in session.symbols]
-        limit = settings.ws_max_symbols
-        if len(session.symbols) + len(new) > limit:
-            session.offer(
-                limits.error_frame(
-                    limits.ErrorCode.SYMBOL_LIMIT,
-                    f"subscribing to {len(new)} more symbols would exceed the limit of {limit} per client",
-                )
-            )
-            return None
-        bucket = self._buckets.get(session)
-        if bucket is None:
-            bucket = self._buckets[session] = limits.TokenBucket(
-                settings.ws_subscribe_rate, settings.ws_subscribe_burst
-            )
-        if not bucket.take(max(1, len(new))):
-            session.offer(
-                limits.error_frame(
-                    limits.ErrorCode.RATE_LIMITED,
-                    f"subscribing to {len(new)} new symbols exceeds the rate of {settings.ws_subscribe_rate:g} "
-                    f"symbols per second (bursts of {settings.ws_subscribe_burst}); frame ignored",
-                )
-            )
-            return None
-        return symbols
 
     async def _replay(self, session: ClientSession, symbol: str, since: int | None, last: int | None) -> None:
         feed = self._feeds.get(symbol)

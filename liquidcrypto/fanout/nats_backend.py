@@ -8,10 +8,13 @@
   counted and logged as failed; the slot stays taken until then.
 - **Feeds** (hop 2): per symbol, a push consumer made by ``NatsClient.subscribe_stream``
   (no acks, no flow control) delivering new messages with their stream sequence, with
-  explicit pending limits; closing a feed deletes its consumer. A jump in the
-  consumer sequence (slow-consumer drops) recreates it right after the last delivered
-  stream sequence, and ``resume_feeds`` does so after every reconnection, so the feed
-  has no holes.
+  explicit pending limits; closing a feed (its last listener left) deletes its consumer
+  at once. A jump in the consumer sequence (slow-consumer drops) recreates it right after
+  the last delivered stream sequence, and ``resume_feeds`` does so after every
+  reconnection, so the feed has no holes. A re-creation that fails (say the server's
+  consumer limit is reached) drops the dead subscription, keeps where the feed stopped
+  and calls ``on_feed_lost``: the manager reopens it with back-off (``open_feed`` resumes
+  from there).
 - **History**: ``nats_history`` reads the stream with the stream-range reader.
 """
 
@@ -43,10 +46,19 @@ from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
+# What nats-py may queue per feed subscription while the event loop is behind (above
+# nats-py's 512k messages / 128 MiB defaults would be pointless, below them deliberately):
+# 65,536 trades is over a minute of a busy symbol, and 16 MiB = 65,536 trades of 256 bytes,
+# so the count binds first for ordinary trades. Past either, nats-py drops, counts a
+# slow-consumer event, and the feed is recreated after its last delivered trade: the limits
+# trade memory for re-creations, never for lost trades. Worst case per instance:
+# WS_MAX_FEEDS x 16 MiB, reached only if every feed backs up at once. Reading the socket
+# promptly (these queues) is what keeps nats-server's own per-connection limit
+# (``max_pending``, 64 MiB by default) from cutting the whole connection.
 FEED_PENDING_MSGS = 65_536
+FEED_PENDING_BYTES = 16 * 1024 * 1024
 FEED_INACTIVE_THRESHOLD = 60.0
 FEED_DROP_CHECK_INTERVAL = 1.0
-FEED_PENDING_BYTES = 64 * 1024 * 1024
 _YIELD_EVERY = 256
 _DISPATCH_YIELD_EVERY = 16
 _PUBLISHED = metrics.PUBLISHED.labels("nats")
