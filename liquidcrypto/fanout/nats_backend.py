@@ -459,4 +459,5 @@ class NatsBackend:
             "window_waits": self.window_waits,
             "feeds": len(self._feeds),
             "slow_consumer_events": self.client.slow_consumer_events,
+            "server_cuts": self.client.server_cuts,
         }

@@ -17,6 +17,7 @@ import pytest
 from liquidcrypto import NatsWebSocketManager, TradeEvent
 from liquidcrypto.config import Settings
 from liquidcrypto.fanout import protocol
+from liquidcrypto.fanout.limits import SymbolFilter
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer
 from liquidcrypto.nats.streams import TRADE_EVENTS
@@ -214,3 +215,20 @@ async def test_a_feed_refused_by_the_consumer_limit_opens_once_there_is_room(tmp
         await m.close()
         await client.close()
         srv.stop()
+
+
+def test_the_allow_list_takes_exact_symbols_and_globs() -> None:
+    allowed = SymbolFilter("BTCUSDT, ETH*,*USD[CT]")
+    candidates = ("BTCUSDT", "ETHBTC", "SOLUSDC", "SOLUSDT", "SOLUSD", "btcusdt", "XBTCUSD")
+    assert [s for s in candidates if allowed.allows(s)] == ["BTCUSDT", "ETHBTC", "SOLUSDC", "SOLUSDT"]
+    assert SymbolFilter(None).allows("ANYTHING") and SymbolFilter(" ").allows("ANYTHING")
+    with pytest.raises(ValueError, match="BTCUSDT,,ETH"):
+        SymbolFilter("BTCUSDT,,ETH*")
+
+
+def test_limits_must_be_positive() -> None:
+    for name in ("WS_MAX_FEEDS", "WS_SUBSCRIBE_RATE", "WS_SUBSCRIBE_BURST"):
+        with pytest.raises(ValueError, match=name):
+            Settings.from_env({name: "0"})
+    settings = Settings.from_env({"WS_MAX_FEEDS": "5", "WS_SUBSCRIBE_RATE": "2.5", "WS_SYMBOLS": "BTCUSDT"})
+    assert (settings.ws_max_feeds, settings.ws_subscribe_rate, settings.ws_symbols) == (5, 2.5, "BTCUSDT")
