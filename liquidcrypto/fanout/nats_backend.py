@@ -46,9 +46,9 @@ from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
-# What nats-py may queue per feed subscription while the event loop is behind (above
-# nats-py's 512k messages / 128 MiB defaults would be pointless, below them deliberately):
-# 65,536 trades is over a minute of a busy symbol, and 16 MiB = 65,536 trades of 256 bytes,
+# What nats-py may queue per feed subscription while the event loop is behind, set
+# deliberately below nats-py's defaults (512k messages / 128 MiB per subscription):
+# 65,536 trades is a minute of a symbol at 1,000 trades/s, and 16 MiB = 65,536 trades of 256 bytes,
 # so the count binds first for ordinary trades. Past either, nats-py drops, counts a
 # slow-consumer event, and the feed is recreated after its last delivered trade: the limits
 # trade memory for re-creations, never for lost trades. Worst case per instance:

@@ -283,6 +283,7 @@ class Connection:
 
     def _on_closed(self) -> None:
         """nats-py closed the connection and will not reconnect it; we did not ask for it."""
+        self._eof_from = None
         if self.state is ConnectionState.CLOSED:
             return
         self._cancel_round()
