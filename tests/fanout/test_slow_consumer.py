@@ -46,9 +46,9 @@ async def test_a_server_side_slow_consumer_cut_is_counted(tmp_path: Path) -> Non
         await client.subscribe_msgs("flood.x", on_msg)
         await client.flush()
         assert client.slow_consumer_events == 0
-        publisher = threading.Thread(target=flood, args=(srv.url, "flood.x", 2000, 4096))
+        publisher = threading.Thread(target=flood, args=(srv.url, "flood.x", 4000, 4096))
         publisher.start()
-        time.sleep(3)  # this loop does not read its socket: the server's buffer for it overflows
+        time.sleep(3)  # this loop does not read its socket: 16 MB for it overflow the server's 1 MB max_pending
         publisher.join()
         await eventually(lambda: client.reconnects >= 1 and client.is_connected, timeout=20, what="reconnected")
         assert "Slow Consumer Detected" in srv.log_file.read_text()
