@@ -27,7 +27,8 @@ from liquidcrypto.a2a.envelope import Envelope
 from liquidcrypto.a2a.lifecycle import TaskState, TaskStateChange
 from liquidcrypto.a2a.registry import AgentCard, AgentInfo
 from liquidcrypto.a2a.replies import reply
-from liquidcrypto.fanout.manager import NatsWebSocketManager, TradeEvent
+from liquidcrypto.fanout.handlers import TradeEvent
+from liquidcrypto.fanout.manager import NatsWebSocketManager
 from liquidcrypto.nats.client import (
     ConnectionState,
     NatsClient,

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 DEFAULT_NATS_URL = "nats://localhost:4222"
 
@@ -53,6 +54,15 @@ def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
             raise ValueError(f"environment variable {name}: {raw.strip()!r} is not an origin like https://host:port")
         out.append(origin)
     return tuple(out)
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _above_zero(value: _N, name: str) -> _N:
+    if value <= 0:
+        raise ValueError(f"environment variable {name}={value:g} must be positive")
+    return value
 
 
 def _str(env: Mapping[str, str], name: str) -> str | None:
@@ -101,6 +111,10 @@ class Settings:
     ws_allowed_origins: tuple[str, ...] = ()
     metrics_token: str | None = None
     dashboard_token_origins: tuple[str, ...] = ()
+    ws_max_feeds: int = 1000
+    ws_subscribe_rate: float = 20.0
+    ws_subscribe_burst: int = 100
+    ws_symbols: str | None = None
     a2a_agent_ttl: float = 30.0
     a2a_heartbeat_interval: float = 10.0
     gc_gen0_threshold: int = 50_000
@@ -160,6 +174,10 @@ class Settings:
             ws_allowed_origins=_origins(e, "WS_ALLOWED_ORIGINS"),
             metrics_token=_str(e, "METRICS_TOKEN"),
             dashboard_token_origins=_origins(e, "DASHBOARD_TOKEN_ORIGINS"),
+            ws_max_feeds=_above_zero(_int(e, "WS_MAX_FEEDS", 1000), "WS_MAX_FEEDS"),
+            ws_subscribe_rate=_above_zero(_float(e, "WS_SUBSCRIBE_RATE", 20.0), "WS_SUBSCRIBE_RATE"),
+            ws_subscribe_burst=_above_zero(_int(e, "WS_SUBSCRIBE_BURST", 100), "WS_SUBSCRIBE_BURST"),
+            ws_symbols=_str(e, "WS_SYMBOLS"),
             a2a_agent_ttl=_float(e, "A2A_AGENT_TTL", 30.0),
             a2a_heartbeat_interval=_float(e, "A2A_HEARTBEAT_INTERVAL", 10.0),
             gc_gen0_threshold=_int(e, "GC_GEN0_THRESHOLD", 50_000),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import logging
 import os
@@ -22,87 +21,20 @@ from typing import Any
 from liquidcrypto import codec
 from liquidcrypto.config import Settings
 from liquidcrypto.errors import BackendUnavailableError, InvalidPayloadError, LiquidNatsError
-from liquidcrypto.fanout import metrics, protocol
+from liquidcrypto.fanout import limits, metrics, protocol
 from liquidcrypto.fanout.backend import Backend
+from liquidcrypto.fanout.handlers import HandlerListener
 from liquidcrypto.fanout.session import ClientSession, QueuePolicy, SymbolState
 from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient, get_client
-from liquidcrypto.nats.subscription import call_handler, is_async_handler
 from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
 Unsubscribe = Callable[[], Awaitable[None]]
+FEED_RETRY_FIRST = 0.25
+FEED_RETRY_MAX = 10.0
 _instances = itertools.count(1)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TradeEvent:
-    """A trade as a ``subscribe_to_trade_events(..., with_meta=True)`` handler gets it."""
-
-    symbol: str
-    data: Any
-    seq: int
-
-
-class _HandlerListener:
-    """A ``subscribe_to_trade_events`` handler behind its own bounded queue and task."""
-
-    def __init__(self, handler: Callable[[Any], Any], with_meta: bool, size: int) -> None:
-        self.handler = handler
-        self.with_meta = with_meta
-        self.queue: asyncio.Queue[TradeEvent] = asyncio.Queue(size)
-        self.dropped = 0
-        self.task: asyncio.Task[None] | None = None
-        self.on_drop: Callable[[], None] = lambda: None
-
-    def offer_trade(self, symbol: str, seq: int, data: Any) -> None:
-        if self.queue.full():
-            self.queue.get_nowait()
-            self.dropped += 1
-            self.on_drop()
-            metrics.HANDLER_DROPPED.inc()
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.warning("trade handler %r lags: %d trades dropped", self.handler, self.dropped)
-        self.queue.put_nowait(TradeEvent(symbol=symbol, data=data, seq=seq))
-
-    async def run(self) -> None:
-        if not is_async_handler(self.handler):
-            await self._run_plain()
-            return
-        while True:
-            event = await self.queue.get()
-            try:
-                await call_handler(self.handler, event if self.with_meta else event.data)
-            except Exception:
-                log.exception("trade handler %r failed on %s seq %d", self.handler, event.symbol, event.seq)
-
-    async def _run_plain(self) -> None:
-        """A plain (non-async) handler runs in a thread, so it never stops the event loop;
-        it gets every trade queued at that moment in one thread hop (one hop per trade
-        would make even a quick handler lag behind a burst)."""
-        while True:
-            batch = [await self.queue.get()]
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            for event, pending in await call_handler(self._handle_batch, batch):
-                try:
-                    await pending
-                except Exception:
-                    log.exception("trade handler %r failed on %s seq %d", self.handler, event.symbol, event.seq)
-
-    def _handle_batch(self, batch: list[TradeEvent]) -> list[tuple[TradeEvent, Awaitable[Any]]]:
-        """In a thread: the handler for each trade; awaitables it returned, for the loop."""
-        later: list[tuple[TradeEvent, Awaitable[Any]]] = []
-        for event in batch:
-            try:
-                result = self.handler(event if self.with_meta else event.data)
-            except Exception:
-                log.exception("trade handler %r failed on %s seq %d", self.handler, event.symbol, event.seq)
-                continue
-            if inspect.isawaitable(result):
-                later.append((event, result))
-        return later
 
 
 @dataclass(eq=False)
@@ -110,7 +42,7 @@ class _Feed:
     symbol: str
     prefix: str
     sessions: set[ClientSession] = field(default_factory=set)
-    handlers: set[_HandlerListener] = field(default_factory=set)
+    handlers: set[HandlerListener] = field(default_factory=set)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     open: bool = False
 
@@ -162,6 +94,9 @@ class NatsWebSocketManager:
         self._feeds: dict[str, _Feed] = {}
         self.sessions: set[ClientSession] = set()
         self._handler_tasks = TaskSet("trade-handler")
+        self.limits = limits.ClientLimits(self.settings)
+        self._feed_retry = asyncio.Event()  # some feed waits to be (re)opened
+        self._retry_tasks = TaskSet("ws-feed-retry")
         self._closed = False
         self.broadcasts_received = 0
         self.bad_messages = 0
@@ -193,6 +128,7 @@ class NatsWebSocketManager:
             client = self._client or get_client()
             self._client = client
             backend = NatsBackend(client, window=self.settings.ws_publish_window)
+            backend.on_feed_lost = self._feed_lost
             client.on_connect(self._reopen_feeds)
         else:
             from liquidcrypto.fanout.redis_backend import RedisBackend
@@ -200,6 +136,7 @@ class NatsWebSocketManager:
             backend = RedisBackend(self.settings.redis_url, on_recovered=self._open_waiting_feeds)
         await backend.start(self._on_trade, self._on_broadcast)
         self._backend = backend
+        self._retry_tasks.spawn(self._retry_waiting_feeds(), "ws-feed-retry")
         log.info("WebSocket manager %s started with the %s backend", self.instance_id, self.backend_name)
 
     async def close(self) -> None:
@@ -210,6 +147,7 @@ class NatsWebSocketManager:
         for session in list(self.sessions):
             session.kick(1001, "server shutting down")
         await self._handler_tasks.cancel()
+        await self._retry_tasks.cancel()
         if self._client is not None:
             self._client.remove_on_connect(self._reopen_feeds)
         if self._backend is not None:
@@ -276,7 +214,7 @@ class NatsWebSocketManager:
             BackendUnavailableError: the backend cannot subscribe now.
         """
         names = _symbol_list(symbols)
-        listener = _HandlerListener(handler, with_meta, self.settings.ws_queue_size)
+        listener = HandlerListener(handler, with_meta, self.settings.ws_queue_size)
         listener.on_drop = self._count_handler_drop
         task = self._handler_tasks.spawn(listener.run(), ",".join(names))
         listener.task = task
@@ -307,7 +245,7 @@ class NatsWebSocketManager:
     # -- feeds -------------------------------------------------------------------
 
     async def _add(
-        self, symbol: str, *, session: ClientSession | None = None, handler: _HandlerListener | None = None
+        self, symbol: str, *, session: ClientSession | None = None, handler: HandlerListener | None = None
     ) -> None:
         feed = self._feeds.get(symbol)
         if feed is None:
@@ -319,11 +257,15 @@ class NatsWebSocketManager:
             if handler is not None:
                 feed.handlers.add(handler)
             if not feed.open:
-                await self.backend.open_feed(symbol)
+                try:
+                    await self.backend.open_feed(symbol)
+                except BackendUnavailableError:
+                    self._feed_retry.set()  # retried with back-off while someone listens
+                    raise
                 feed.open = True
 
     async def _remove(
-        self, symbol: str, *, session: ClientSession | None = None, handler: _HandlerListener | None = None
+        self, symbol: str, *, session: ClientSession | None = None, handler: HandlerListener | None = None
     ) -> None:
         feed = self._feeds.get(symbol)
         if feed is None:
@@ -333,10 +275,11 @@ class NatsWebSocketManager:
                 feed.sessions.discard(session)
             if handler is not None:
                 feed.handlers.discard(handler)
-            if feed.empty and feed.open:
+            if feed.empty and not self._closed:  # closing stops the backend and all its feeds
+                # Also when not open: a feed lost after a failed resumption keeps where it
+                # stopped on the backend until it is closed.
                 feed.open = False
-                if not self._closed:  # closing stops the backend and all its feeds
-                    await self.backend.close_feed(symbol)
+                await self.backend.close_feed(symbol)
             if feed.empty and self._feeds.get(symbol) is feed:
                 del self._feeds[symbol]
 
@@ -373,7 +316,12 @@ class NatsWebSocketManager:
             yield
 
     async def _open_waiting_feeds(self) -> None:
-        """Open the feeds that clients wait for but that could not open (backend down)."""
+        await self._try_waiting_feeds()
+
+    async def _try_waiting_feeds(self) -> bool:
+        """Open the feeds that listeners wait for but that could not open (backend down,
+        consumer limit reached, a resumption that failed); whether none waits any more."""
+        done = True
         for feed in list(self._feeds.values()):
             async with feed.lock:
                 if not feed.open and not feed.empty:
@@ -381,7 +329,35 @@ class NatsWebSocketManager:
                         await self.backend.open_feed(feed.symbol)
                         feed.open = True
                     except BackendUnavailableError as exc:
+                        done = False
                         log.warning("reopening the feed of %s failed: %s", feed.symbol, exc)
+        if not done:
+            self._feed_retry.set()
+        return done
+
+    def _feed_lost(self, symbol: str) -> None:
+        """The backend lost the feed of ``symbol`` (its re-creation failed): reopen it later."""
+        feed = self._feeds.get(symbol)
+        if feed is not None:
+            feed.open = False
+        self._feed_retry.set()
+
+    async def _retry_waiting_feeds(self) -> None:
+        """Retry the waiting feeds with back-off (0.25 s doubling to 10 s) while any waits.
+
+        A reconnection reopens them too; this covers a backend that is up but refused
+        (e.g. the server's consumer limit), which no reconnection would ever retry.
+        """
+        while True:
+            await self._feed_retry.wait()
+            delay = FEED_RETRY_FIRST
+            while True:
+                self._feed_retry.clear()
+                await asyncio.sleep(delay)
+                connected = self._client is None or self._client.is_connected
+                if connected and await self._try_waiting_feeds():
+                    break
+                delay = min(delay * 2, FEED_RETRY_MAX)
 
     def _on_trade(self, symbol: str, seq: int, payload: bytes) -> None:
         feed = self._feeds.get(symbol)
@@ -432,21 +408,24 @@ class NatsWebSocketManager:
                     self._past[k] += v
             self._past["slow_disconnects"] += session.close_code == 1013
         metrics.CLIENTS.set(len(self.sessions))
+        self.limits.forget(session)
         for symbol in list(session.symbols):
             await self._remove(symbol, session=session)
         session.symbols.clear()
 
     async def client_subscribe(self, session: ClientSession, request: protocol.Subscribe) -> None:
-        """Subscribe a client; with ``since_seq``/``last``, replay history first."""
-        new = [s for s in request.symbols if s not in session.symbols]
-        limit = self.settings.ws_max_symbols
-        if len(session.symbols) + len(new) > limit:
-            session.offer(
-                protocol.error_frame(
-                    f"subscribing to {len(new)} more symbols would exceed the limit of {limit} per client"
-                )
-            )
+        """Subscribe a client; with ``since_seq``/``last``, replay history first.
+
+        Limits (each answered with an error frame whose ``code`` is a ``limits.ErrorCode``;
+        the session goes on): the subscribe rate and the symbols per client refuse the
+        whole frame; the allow-list and the feeds per instance refuse the symbols concerned.
+        """
+        symbols = self.limits.admit(session, request)
+        if symbols is None:
             return
+        request = protocol.Subscribe(
+            symbols=tuple(symbols), since_seq=request.since_seq, last=request.last, conflate=request.conflate
+        )
         # Which symbols get history: all with "last" or an int "since_seq"; with a
         # per-symbol "since_seq" dict only the symbols it names (the others go live).
         since_of: dict[str, int | None] = {}
@@ -457,9 +436,14 @@ class NatsWebSocketManager:
             elif request.since_seq is not None or request.last is not None:
                 since_of[symbol] = request.since_seq
         replay = self.backend.supports_history
+        full: list[str] = []
         for symbol in request.symbols:
             state = session.symbols.get(symbol)
             if state is None:
+                if symbol not in self._feeds and len(self._feeds) >= self.settings.ws_max_feeds:
+                    full.append(symbol)  # checked and added with no await between: a hard cap
+                    since_of.pop(symbol, None)
+                    continue
                 state = session.symbols[symbol] = SymbolState()
             state.conflate = request.conflate
             if replay and symbol in since_of:
@@ -469,8 +453,17 @@ class NatsWebSocketManager:
             except BackendUnavailableError as exc:
                 # Details only in the log: an error frame never carries internal exception text.
                 log.warning("trades of %s unavailable for %s: %s", symbol, session.name, exc)
-                session.offer(protocol.error_frame(f"trades of {symbol} are unavailable now; try again later"))
-        session.offer(protocol.frame("subscribed", symbols=list(request.symbols)))
+                message = f"trades of {symbol} are unavailable now; try again later"
+                session.offer(limits.error_frame(limits.ErrorCode.UNAVAILABLE, message))
+        if full:
+            session.offer(
+                limits.error_frame(
+                    limits.ErrorCode.FEED_LIMIT,
+                    f"this instance follows its limit of {self.settings.ws_max_feeds} symbols; "
+                    f"not subscribed: {', '.join(full)}",
+                )
+            )
+        session.offer(protocol.frame("subscribed", symbols=[s for s in request.symbols if s not in full]))
         for symbol, since in since_of.items():
             if not replay:
                 session.offer(

@@ -8,10 +8,13 @@
   counted and logged as failed; the slot stays taken until then.
 - **Feeds** (hop 2): per symbol, a push consumer made by ``NatsClient.subscribe_stream``
   (no acks, no flow control) delivering new messages with their stream sequence, with
-  explicit pending limits; closing a feed deletes its consumer. A jump in the
-  consumer sequence (slow-consumer drops) recreates it right after the last delivered
-  stream sequence, and ``resume_feeds`` does so after every reconnection, so the feed
-  has no holes.
+  explicit pending limits; closing a feed (its last listener left) deletes its consumer
+  at once. A jump in the consumer sequence (slow-consumer drops) recreates it right after
+  the last delivered stream sequence, and ``resume_feeds`` does so after every
+  reconnection, so the feed has no holes. A re-creation that fails (say the server's
+  consumer limit is reached) drops the dead subscription, keeps where the feed stopped
+  and calls ``on_feed_lost``: the manager reopens it with back-off (``open_feed`` resumes
+  from there).
 - **History**: ``nats_history`` reads the stream with the stream-range reader.
 """
 
@@ -24,6 +27,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -42,10 +46,19 @@ from liquidcrypto.nats.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
+# What nats-py may queue per feed subscription while the event loop is behind, set
+# deliberately below nats-py's defaults (512k messages / 128 MiB per subscription):
+# 65,536 trades is a minute of a symbol at 1,000 trades/s, and 16 MiB = 65,536 trades of 256 bytes,
+# so the count binds first for ordinary trades. Past either, nats-py drops, counts a
+# slow-consumer event, and the feed is recreated after its last delivered trade: the limits
+# trade memory for re-creations, never for lost trades. Worst case per instance:
+# WS_MAX_FEEDS x 16 MiB, reached only if every feed backs up at once. Reading the socket
+# promptly (these queues) is what keeps nats-server's own per-connection limit
+# (``max_pending``, 64 MiB by default) from cutting the whole connection.
 FEED_PENDING_MSGS = 65_536
+FEED_PENDING_BYTES = 16 * 1024 * 1024
 FEED_INACTIVE_THRESHOLD = 60.0
 FEED_DROP_CHECK_INTERVAL = 1.0
-FEED_PENDING_BYTES = 64 * 1024 * 1024
 _YIELD_EVERY = 256
 _DISPATCH_YIELD_EVERY = 16
 _PUBLISHED = metrics.PUBLISHED.labels("nats")
@@ -90,6 +103,10 @@ class NatsBackend:
         self._feeds: dict[str, StreamSubscription] = {}
         self._feed_last: dict[str, int] = {}  # last stream sequence each feed delivered
         self._feed_gen: dict[str, int] = {}  # bumped at each (re)subscription of a feed
+        # Feeds whose re-creation failed: where to resume when they are opened again.
+        self._lost: dict[str, int] = {}
+        # Told the symbol of a feed lost that way (the manager reopens it with back-off).
+        self.on_feed_lost: Callable[[str], None] = lambda symbol: None
         self._tasks = TaskSet("ws-backend")
         self._broadcast_sub: Subscription | None = None
         self._ids = itertools.count(1)
@@ -270,12 +287,17 @@ class NatsBackend:
         """
         if symbol in self._feeds:
             return
-        try:
-            state = (await self.client.js.stream_info(TRADE_EVENTS)).state
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
-        # Start right after what is stored now (like "new", but from a known sequence).
-        await self._subscribe_feed(symbol, int(state.last_seq or 0) + 1)
+        if symbol in self._lost:
+            # A feed lost when its re-creation failed resumes where it stopped: no gap.
+            await self._subscribe_feed(symbol, self._lost[symbol] + 1)
+            del self._lost[symbol]
+        else:
+            try:
+                state = (await self.client.js.stream_info(TRADE_EVENTS)).state
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise NatsUnavailableError(f"cannot open the trade feed of {symbol!r}: {exc!r}") from exc
+            # Start right after what is stored now (like "new", but from a known sequence).
+            await self._subscribe_feed(symbol, int(state.last_seq or 0) + 1)
         metrics.FEEDS.inc()
 
     async def _subscribe_feed(self, symbol: str, start: int) -> None:
@@ -382,8 +404,8 @@ class NatsBackend:
             try:
                 await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
             except NatsUnavailableError as exc:
-                # Reconnection will resume it (resume_feeds).
                 log.warning("recreating the feed of %s failed: %s", symbol, exc)
+                self._lose(symbol)
 
     async def resume_feeds(self) -> None:
         """After a reconnection: recreate every feed right after the last trade it delivered.
@@ -398,10 +420,20 @@ class NatsBackend:
                     await self._subscribe_feed(symbol, self._feed_last.get(symbol, 0) + 1)
                 except NatsUnavailableError as exc:
                     log.warning("resuming the feed of %s failed: %s", symbol, exc)
+                    self._lose(symbol)
+
+    def _lose(self, symbol: str) -> None:
+        """Forget the dead subscription of a feed whose re-creation failed, keep where it
+        stopped, and tell the manager, which reopens it (``open_feed``) with back-off."""
+        self._feeds.pop(symbol, None)
+        self._lost[symbol] = self._feed_last.pop(symbol, 0)
+        metrics.FEEDS.dec()
+        self.on_feed_lost(symbol)
 
     async def close_feed(self, symbol: str) -> None:
         sub = self._feeds.pop(symbol, None)
         self._feed_last.pop(symbol, None)
+        self._lost.pop(symbol, None)
         if sub is None:
             return
         metrics.FEEDS.dec()
@@ -427,4 +459,5 @@ class NatsBackend:
             "window_waits": self.window_waits,
             "feeds": len(self._feeds),
             "slow_consumer_events": self.client.slow_consumer_events,
+            "server_cuts": self.client.server_cuts,
         }

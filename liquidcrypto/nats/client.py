@@ -224,8 +224,13 @@ class NatsClient:
 
     @property
     def slow_consumer_events(self) -> int:
-        """Times a subscription dropped messages over its pending limits."""
+        """Times a subscription dropped messages over its pending limits, plus ``server_cuts``."""
         return self._conn.slow_consumer_events
+
+    @property
+    def server_cuts(self) -> int:
+        """Times the server closed this connection while staying up (a slow consumer, mostly)."""
+        return self._conn.server_cuts
 
     @property
     def last_error(self) -> str | None:

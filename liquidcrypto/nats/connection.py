@@ -46,7 +46,8 @@ FRESH_CONNECTS = Counter(
     "liquidcrypto_nats_fresh_connects", "NATS connections closed without close() and replaced by a new one"
 )
 SLOW_CONSUMERS = Counter(
-    "liquidcrypto_nats_slow_consumer_events", "Messages dropped by a subscription over its pending limits"
+    "liquidcrypto_nats_slow_consumer_events",
+    "Messages dropped by a subscription over its pending limits, and connections the server cut (slow consumer)",
 )
 
 DEGRADED_LINE = "[Server] NATS not available - running in degraded mode"
@@ -90,7 +91,9 @@ class Connection:
         self.reconnects = 0
         self.fresh_connects = 0
         self.slow_consumer_events = 0
+        self.server_cuts = 0
         self.last_error: str | None = None
+        self._eof_from: str | None = None  # the server that closed our socket, until we are back
         self._first_failure = asyncio.Event()
         self._pending_nc: NatsConnection | None = None
         self._round: asyncio.Task[None] | None = None
@@ -239,6 +242,8 @@ class Connection:
             SLOW_CONSUMERS.inc()
             log.warning("slow consumer on %s (sid %s): messages dropped", exc.subject, exc.sid)
             return
+        if isinstance(exc, nats.errors.UnexpectedEOF) and self.nc is not None:
+            self._eof_from = hooks.server_id(self.nc)
         self.last_error = describe(exc)
         if self.state is ConnectionState.CONNECTING:
             self._first_failure.set()
@@ -256,10 +261,30 @@ class Connection:
         self.reconnects += 1
         RECONNECTS.inc()
         log.info("NATS reconnected to %s", self.display_url)
+        self._count_server_cut()
         self._start_round()
+
+    def _count_server_cut(self) -> None:
+        """The server closed our socket and we are back on the same server (same id, so
+        it did not restart): nats-server sends no ``-ERR`` when it cuts a slow consumer
+        (its pending bytes for us over ``max_pending``, or its write deadline passed), so
+        this is how one shows here. Counted as a slow-consumer event; an operator's kick
+        would count too (the server log tells which)."""
+        eof_from, self._eof_from = self._eof_from, None
+        if eof_from is None or self.nc is None or hooks.server_id(self.nc) != eof_from:
+            return
+        self.server_cuts += 1
+        self.slow_consumer_events += 1
+        SLOW_CONSUMERS.inc()
+        log.warning(
+            "NATS server %s closed this connection while staying up: most likely as a slow consumer "
+            "(its max_pending for this client exceeded; see the server log)",
+            eof_from,
+        )
 
     def _on_closed(self) -> None:
         """nats-py closed the connection and will not reconnect it; we did not ask for it."""
+        self._eof_from = None
         if self.state is ConnectionState.CLOSED:
             return
         self._cancel_round()
