@@ -71,6 +71,9 @@ class Settings:
     ws_write_delay: float = 0.0
     ws_publish_window: int = 1024
     ws_history_max: int = 10_000
+    ws_max_replays: int = 8
+    ws_replay_queue: int = 64
+    ws_replay_page: int = 256
     ws_max_bad_frames: int = 10
     a2a_agent_ttl: float = 30.0
     a2a_heartbeat_interval: float = 10.0
@@ -122,6 +125,9 @@ class Settings:
             ws_write_delay=write_delay,
             ws_publish_window=_int(e, "WS_PUBLISH_WINDOW", 1024),
             ws_history_max=_int(e, "WS_HISTORY_MAX", 10_000),
+            ws_max_replays=_int(e, "WS_MAX_REPLAYS", 8),
+            ws_replay_queue=_int(e, "WS_REPLAY_QUEUE", 64),
+            ws_replay_page=_int(e, "WS_REPLAY_PAGE", 256),
             ws_max_bad_frames=_int(e, "WS_MAX_BAD_FRAMES", 10),
             a2a_agent_ttl=_float(e, "A2A_AGENT_TTL", 30.0),
             a2a_heartbeat_interval=_float(e, "A2A_HEARTBEAT_INTERVAL", 10.0),

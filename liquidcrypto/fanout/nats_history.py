@@ -1,7 +1,11 @@
 """History of a symbol from the ``TRADE_EVENTS`` stream, for ``since_seq`` / ``last`` requests.
 
-The stream-range reader (``liquidcrypto.nats.ranges``) reads ``trades.{symbol}`` from a
-start sequence, or its last N, up to the last stored message of the symbol.
+``HistoryCursor`` plans a read once (where it starts, where it ends, how many trades at
+most) and then reads it **page by page** through the stream-range reader
+(``liquidcrypto.nats.ranges``): each page opens its own short-lived consumer, reads at
+most the page's size and deletes the consumer before the page is returned. Between pages
+nothing is held on the server or in memory, so a replay to a client that does not read
+simply waits, costing nothing (see ``fanout.replay``).
 """
 
 from __future__ import annotations
@@ -20,13 +24,114 @@ log = logging.getLogger(__name__)
 
 HISTORY_IDLE_TIMEOUT = 5.0
 
+Page = list[tuple[int, bytes]]
+
+
+class HistoryCursor:
+    """Stored trades of one symbol, read in pages (open it with ``HistoryCursor.open``).
+
+    Attributes:
+        symbol: the symbol.
+        complete: ``False`` once something the client asked for is known to be left out
+            (expired from the 5-minute stream, beyond ``limit``, or the read stalled).
+        done: nothing more to read.
+        count: trades returned so far.
+    """
+
+    def __init__(
+        self, client: NatsClient, symbol: str, *, start: ranges.Start, end: int, remaining: int, complete: bool
+    ):
+        self._client = client
+        self.symbol = symbol
+        self._subject = subjects.trade(symbol)
+        self._start = start  # Last(n) for the first page of a "last" request, then a sequence
+        self._end = end
+        self._remaining = remaining
+        self.complete = complete
+        self.done = remaining <= 0
+        self.count = 0
+
+    @classmethod
+    async def open(
+        cls, client: NatsClient, symbol: str, *, since_seq: int | None, last: int | None, limit: int
+    ) -> HistoryCursor:
+        """Plan the history of ``symbol`` after ``since_seq``, or its ``last`` N, at most ``limit``.
+
+        More than ``limit`` trades after ``since_seq`` gives the newest ``limit`` of them.
+
+        Raises:
+            NatsUnavailableError: NATS is not available.
+        """
+        subject = subjects.trade(symbol)
+        js = client.js
+        try:
+            end = int((await js.get_last_msg(TRADE_EVENTS, subject)).seq or 0)
+            first = int((await js.stream_info(TRADE_EVENTS)).state.first_seq or 0)
+        except NotFoundError:
+            return cls(client, symbol, start=None, end=0, remaining=0, complete=since_seq is None or since_seq == 0)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise NatsUnavailableError(f"cannot read the history of {symbol!r}: {exc!r}") from exc
+        complete = True
+        start: ranges.Start = first
+        remaining = limit
+        if since_seq is not None:
+            start = since_seq + 1
+            if start < first:
+                complete, start = since_seq == 0, first
+            if start > end:
+                return cls(client, symbol, start=None, end=end, remaining=0, complete=complete)
+            if await ranges.count(js, TRADE_EVENTS, subject, start) > limit:
+                complete, last = False, limit
+        if last is not None:
+            remaining = min(last, limit)
+            start = ranges.Last(remaining)
+        return cls(client, symbol, start=start, end=end, remaining=remaining, complete=complete)
+
+    async def next_page(self, size: int) -> Page:
+        """The next at most ``size`` trades ``(seq, payload)`` in order; empty when ``done``.
+
+        The page's consumer is deleted before this returns.
+
+        Raises:
+            NatsUnavailableError: NATS is not available.
+        """
+        if self.done or size <= 0:
+            return []
+        want = min(size, self._remaining)
+        start = self._start
+        page: Page = []
+        async with ranges.read_range(
+            self._client,
+            TRADE_EVENTS,
+            self._subject,
+            start=start,
+            end_seq=self._end,
+            limit=want,
+            idle_timeout=HISTORY_IDLE_TIMEOUT,
+        ) as rng:
+            if isinstance(start, int) and start < rng.first_seq and self.count:
+                self.complete = False  # part of the rest expired between two pages
+            async for msg in rng:
+                page.append((msg.seq, msg.data))
+        self.count += len(page)
+        self._remaining -= len(page)
+        if page:
+            self._start = page[-1][0] + 1
+        if rng.end is not ranges.RangeEnd.LIMIT or self._remaining <= 0:
+            # COMPLETE: up to the end. STALLED: expired meanwhile, or NATS is gone (the
+            # reader logged it); the client gets what was read.
+            self.done = True
+            self.complete = self.complete and rng.end is not ranges.RangeEnd.STALLED
+        return page
+
 
 async def read_history(
     client: NatsClient, symbol: str, *, since_seq: int | None, last: int | None, limit: int
-) -> tuple[list[tuple[int, bytes]], bool]:
-    """Stored trades of ``symbol`` after ``since_seq``, or its ``last`` N, at most ``limit``.
+) -> tuple[Page, bool]:
+    """Stored trades of ``symbol`` after ``since_seq``, or its ``last`` N, at most ``limit``, at once.
 
     More than ``limit`` trades after ``since_seq`` gives the newest ``limit`` of them.
+    (``/ws`` replays read a ``HistoryCursor`` page by page instead.)
 
     Returns:
         ``(items, complete)``: ``(seq, payload)`` in order, and whether nothing the
@@ -36,35 +141,8 @@ async def read_history(
     Raises:
         NatsUnavailableError: NATS is not available.
     """
-    subject = subjects.trade(symbol)
-    js = client.js
-    try:
-        end = int((await js.get_last_msg(TRADE_EVENTS, subject)).seq or 0)
-        first = int((await js.stream_info(TRADE_EVENTS)).state.first_seq or 0)
-    except NotFoundError:
-        return [], since_seq is None or since_seq == 0
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise NatsUnavailableError(f"cannot read the history of {symbol!r}: {exc!r}") from exc
-    complete = True
-    start: ranges.Start = first
-    if since_seq is not None:
-        start = since_seq + 1
-        if start < first:
-            complete, start = since_seq == 0, first
-        if start > end:
-            return [], complete
-        if await ranges.count(js, TRADE_EVENTS, subject, start) > limit:
-            complete, last = False, limit
-    if last is not None:
-        want = min(last, limit)
-        if want == 0:
-            return [], complete
-        start = ranges.Last(want)
-    items: list[tuple[int, bytes]] = []
-    async with ranges.read_range(
-        client, TRADE_EVENTS, subject, start=start, end_seq=end, idle_timeout=HISTORY_IDLE_TIMEOUT
-    ) as rng:
-        async for msg in rng:
-            items.append((msg.seq, msg.data))
-    # Stalled: expired meanwhile, or NATS is gone; the reader logged it, the client gets what we have.
-    return items, complete and rng.complete
+    cursor = await HistoryCursor.open(client, symbol, since_seq=since_seq, last=last, limit=limit)
+    items: Page = []
+    while not cursor.done:
+        items += await cursor.next_page(ranges.BUFFER)
+    return items, cursor.complete
