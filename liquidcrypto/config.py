@@ -96,6 +96,9 @@ class Settings:
         write_delay = _float(e, "WS_WRITE_DELAY", 0.0)
         if not 0 <= write_delay <= 1:
             raise ValueError(f"environment variable WS_WRITE_DELAY={write_delay:g} must be 0 to 1 seconds")
+        for name, least in (("WS_MAX_REPLAYS", 1), ("WS_REPLAY_PAGE", 1), ("WS_REPLAY_QUEUE", 0)):
+            if _int(e, name, least) < least:
+                raise ValueError(f"environment variable {name}={_int(e, name, least)} must be at least {least}")
         return cls(
             nats_url=e.get("NATS_URL") or DEFAULT_NATS_URL,
             js_replicas=replicas,

@@ -16,16 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import websockets
 
 from liquidcrypto import NatsWebSocketManager
 from liquidcrypto.config import Settings
+from liquidcrypto.fanout import protocol
+from liquidcrypto.fanout.replay import ReplayLimits, ReplayRequest, Replays
+from liquidcrypto.fanout.session import ClientSession, QueuePolicy, SymbolState
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.embedded import NatsServer
 from liquidcrypto.nats.streams import TRADE_EVENTS
 from tests.fanout.support import AppInstance, WsClient, app_instances
-from tests.helpers import eventually
+from tests.helpers import eventually, recording_session
 
 STORED = 10_000
 FLOOD_FRAMES = 200
@@ -171,6 +175,9 @@ async def test_replay_flood_from_a_non_reading_client_leaves_the_instance_health
             problems.append(
                 f"{peak['consumers']} consumers on {TRADE_EVENTS} (baseline {baseline_consumers}, cap {MAX_REPLAYS})"
             )
+        replays = app.stats().get("replays", {})
+        if replays.get("refused"):
+            problems.append(f"replays refused although the flooder's frames should wait unread: {replays}")
         if peak["rss"] - rss_before >= 60:
             problems.append(f"RSS grew from {rss_before:.0f} to {peak['rss']:.0f} MB")
         assert not problems, problems
@@ -190,3 +197,194 @@ async def test_replay_flood_from_a_non_reading_client_leaves_the_instance_health
             await honest.close()
         await manager.close()
         await client.close()
+
+
+# -- the replay rules, in process (a real nats-server, the manager, recorded client sessions) --
+
+
+async def make_manager(client: NatsClient, **settings: Any) -> NatsWebSocketManager:
+    manager = NatsWebSocketManager(client, settings=Settings(**settings))
+    await manager.init()
+    return manager
+
+
+def trades_of(frames: list[dict[str, Any]], symbol: str) -> list[int]:
+    return [f["data"]["i"] for f in frames if f["type"] == "trade" and f["symbol"] == symbol]
+
+
+async def test_history_is_read_in_pages_without_gap_and_its_consumers_are_deleted(client: NatsClient) -> None:
+    m = await make_manager(client, ws_replay_page=64, ws_history_max=500)
+    try:
+        for i in range(900):
+            await m.publish_trade_event("PG" if i % 3 else "PG-NOISE", {"i": i})
+        await m.flush()
+        stored = [i for i in range(900) if i % 3]
+        cases: list[tuple[dict[str, Any], list[int], bool]] = [
+            ({"last": 400}, stored[-400:], True),
+            ({"since_seq": 0}, stored[-500:], False),  # more than WS_HISTORY_MAX: the newest 500
+            ({"last": 1}, stored[-1:], True),
+        ]
+        for extra, expected, complete in cases:
+            async with recording_session(m) as (session, sent):
+                await asyncio.wait_for(m.client_subscribe(session, protocol.Subscribe(symbols=("PG",), **extra)), 20)
+                history = await eventually(lambda: next((f for f in sent if f["type"] == "history"), None))
+                assert trades_of(sent, "PG") == expected, extra
+                assert (history["count"], history["complete"]) == (len(expected), complete), extra
+        # A since_seq in the middle (stream sequence = i + 1: the stream is fresh).
+        async with recording_session(m) as (session, sent):
+            await m.client_subscribe(session, protocol.Subscribe(symbols=("PG",), since_seq=600))
+            await eventually(lambda: any(f["type"] == "history" for f in sent), what="history frame")
+            assert trades_of(sent, "PG") == [i for i in stored if i + 1 > 600]
+        assert await client.js.consumers_info(TRADE_EVENTS) == []  # no page reader, no probe left
+    finally:
+        await m.close()
+
+
+async def test_a_client_that_stops_reading_holds_no_consumer_and_resumes_where_it_paused(client: NatsClient) -> None:
+    m = await make_manager(client, ws_replay_page=50, ws_queue_size=100, ws_conflate_at=50)
+    gate = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def send(text: str) -> None:
+        await gate.wait()
+        sent.extend(orjson.loads(line) for line in text.split("\n"))
+
+    try:
+        for i in range(400):
+            await m.publish_trade_event("PS", {"i": i})
+        await m.flush()
+        session = ClientSession(send, m.queue_policy, name="stalled")
+        m.register(session)
+        writer = asyncio.ensure_future(session.run_writer())
+        sub = asyncio.ensure_future(m.client_subscribe(session, protocol.Subscribe(symbols=("PS",), last=400)))
+        try:
+            # The queue fills up to its soft limit, then the replay waits for room.
+            await eventually(lambda: session.queued >= 49, what="queue filled by the replay")
+            assert not sub.done(), "the reader must wait while the replay is pending"
+            assert m.stats()["replays"] == {"running": 0, "waiting": 0, "refused": 0}
+
+            async def only_the_feed() -> bool:
+                infos = await client.js.consumers_info(TRADE_EVENTS)
+                return [c.config.filter_subject for c in infos] == ["trades.PS"]
+
+            await eventually(only_the_feed, what="no consumer held by the paused replay")
+            assert session.queued <= 50
+            gate.set()
+            await asyncio.wait_for(sub, 20)
+            await eventually(lambda: any(f["type"] == "history" for f in sent), what="history frame")
+            assert trades_of(sent, "PS") == list(range(400))
+        finally:
+            gate.set()
+            writer.cancel()
+            await m.unregister(session)
+            await session.cancel_tasks()
+    finally:
+        await m.close()
+
+
+async def test_a_second_replay_of_a_pending_symbol_is_refused(client: NatsClient) -> None:
+    m = await make_manager(client)
+    gate = asyncio.Event()
+
+    async def send(text: str) -> None:
+        await gate.wait()
+
+    try:
+        for i in range(300):
+            await m.publish_trade_event("PD", {"i": i})
+        await m.flush()
+        session = ClientSession(send, m.queue_policy, name="dup")
+        m.register(session)
+        writer = asyncio.ensure_future(session.run_writer())
+        frames: list[dict[str, Any]] = []
+        offer = session.offer
+        session.offer = lambda frame: (frames.append(orjson.loads(frame)), offer(frame))[1]  # type: ignore[method-assign]
+        first = asyncio.ensure_future(m.client_subscribe(session, protocol.Subscribe(symbols=("PD",), last=300)))
+        await eventually(lambda: session.replay_pending("PD"), what="first replay pending")
+        # Not through the endpoint (its reader waits), but two frames handled at once.
+        second = asyncio.ensure_future(m.client_subscribe(session, protocol.Subscribe(symbols=("PD",), last=300)))
+        await eventually(
+            lambda: any(f.get("code") == "replay_pending" for f in frames), what="the second replay refused"
+        )
+        error = next(f for f in frames if f.get("code") == "replay_pending")
+        assert error["type"] == "error" and error["symbol"] == "PD" and "PD" in error["message"]
+        assert m.stats()["replays"]["refused"] == 1
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 20)
+        assert [f["count"] for f in frames if f["type"] == "history"] == [300]
+        writer.cancel()
+        await m.unregister(session)
+        await session.cancel_tasks()
+    finally:
+        await m.close()
+
+
+class GatedCursor:
+    """One page of one trade, read once ``gate`` opens (holds a page-read slot until then)."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        self.gate = gate
+        self.complete = True
+        self.done = False
+
+    async def next_page(self, size: int) -> list[tuple[int, bytes]]:
+        await self.gate.wait()
+        self.done = True
+        return [(1, b'{"i":1}')]
+
+
+async def test_replays_past_the_cap_wait_in_turn_and_past_the_queue_are_refused_busy() -> None:
+    gate = asyncio.Event()
+
+    async def open_history(symbol: str, *, since_seq: int | None, last: int | None, limit: int) -> GatedCursor:
+        return GatedCursor(gate)
+
+    replays = Replays(ReplayLimits(max_running=2, max_waiting=1), open_history)
+    clients: list[tuple[ClientSession, list[dict[str, Any]]]] = []
+    for n in range(4):
+        frames: list[dict[str, Any]] = []
+
+        async def send(text: str, frames: list[dict[str, Any]] = frames) -> None:
+            frames.append(orjson.loads(text))
+
+        session = ClientSession(send, QueuePolicy(), name=f"c{n}")
+        session.symbols["X"] = SymbolState()
+        session.begin_replay("X")
+        session.spawn(session.run_writer(), "writer")
+        clients.append((session, frames))
+    request = ReplayRequest(symbol="X", since_seq=None, last=1, prefix=protocol.trade_frame_head("X"))
+    try:
+        for session, _ in clients[:3]:
+            replays.start(session, [request])
+        await eventually(lambda: (replays.running, replays.waiting) == (2, 1), what="two running, one waiting")
+        busy, busy_frames = clients[3]
+        replays.start(busy, [request])
+        error = await eventually(lambda: next((f for f in busy_frames if f["type"] == "error"), None))
+        assert error["code"] == "busy" and error["symbol"] == "X" and "retry" in error["message"]
+        await asyncio.wait_for(busy.wait_replays(), 5)  # refused: the reader goes on
+        assert not busy.symbols["X"].replaying  # and the symbol is live
+        gate.set()
+        for session, frames in clients[:3]:
+            await asyncio.wait_for(session.wait_replays(), 5)
+            history = await eventually(lambda frames=frames: next((f for f in frames if f["type"] == "history"), None))
+            assert history["count"] == 1 and [f["seq"] for f in frames if f["type"] == "trade"] == [1]
+        assert replays.stats() == {"running": 0, "waiting": 0, "refused": 1}
+    finally:
+        for session, _ in clients:
+            await session.cancel_tasks()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WS_MAX_REPLAYS": "0"}, "WS_MAX_REPLAYS=0 must be at least 1"),
+        ({"WS_REPLAY_PAGE": "0"}, "WS_REPLAY_PAGE=0 must be at least 1"),
+        ({"WS_REPLAY_QUEUE": "-1"}, "WS_REPLAY_QUEUE=-1 must be at least 0"),
+        ({"WS_MAX_REPLAYS": "many"}, "WS_MAX_REPLAYS='many'"),
+    ],
+)
+def test_replay_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Settings.from_env(env)
+    s = Settings.from_env({"WS_MAX_REPLAYS": "3", "WS_REPLAY_QUEUE": "0", "WS_REPLAY_PAGE": "100"})
+    assert (s.ws_max_replays, s.ws_replay_queue, s.ws_replay_page) == (3, 0, 100)
