@@ -46,8 +46,10 @@ POLICY_CLOSES = Counter(
     "liquidcrypto_ws_client_policy_closes", "Clients closed with 1008 (abuse, auth, limits)"
 )
 HISTORY_FRAMES = Counter("liquidcrypto_ws_history_frames", "Trades replayed from the stream to clients")
-REPLAYS_RUNNING = Gauge("liquidcrypto_ws_replays_running", "History pages being read now (at most WS_MAX_REPLAYS)")
-REPLAYS_WAITING = Gauge("liquidcrypto_ws_replays_waiting", "History replays waiting for a page read")
+REPLAYS_RUNNING = Gauge(
+    "liquidcrypto_ws_replays_running", "History replays reading the stream (at most WS_MAX_REPLAYS)"
+)
+REPLAYS_WAITING = Gauge("liquidcrypto_ws_replays_waiting", "History replays waiting for their turn to read")
 REPLAYS_REFUSED = Counter(
     "liquidcrypto_ws_replays_refused", "History replays refused (busy: queue full; pending: one already)", ["reason"]
 )

@@ -10,22 +10,28 @@ history than its clients can take, so:
 - **one client's replays run one after the other**, and the endpoint reads no further
   frame of that client until they are done (``ClientSession.wait_replays``): a client
   that floods ``subscribe`` frames waits; its frames stay in the socket.
-- **paged**: a replay reads ``page_size`` trades at a time (``WS_REPLAY_PAGE``), each
-  page through its own short-lived consumer deleted before the page is queued, and only
-  once the client's queue has room for the page. A client that stops reading holds no
-  page, no consumer and no slot: its replay just waits.
-- **a per-instance cap** of ``max_running`` page reads at once (``WS_MAX_REPLAYS``); a
-  replay that needs one waits its turn. At most ``max_waiting`` replays wait
-  (``WS_REPLAY_QUEUE``); a new replay past that gets an error frame
-  (``"code": "busy"``, retry later) and the symbol goes live without history.
+- **paged, at the client's pace**: a replay reads at most ``page_size`` trades at a time
+  (``WS_REPLAY_PAGE``), no more than the client's queue has room for. While the client
+  keeps up, pages come from one consumer; once its queue stays full (``HOLD_FOR``) the
+  replay deletes the consumer (and what it read ahead) and gives its slot back before it
+  waits, then goes on with a new consumer right after the last trade sent. A client that stops reading
+  holds no consumer, no slot and no page: its replay just waits.
+- **a per-instance cap** of ``max_running`` replays reading at once (``WS_MAX_REPLAYS``),
+  so at most that many consumers; a replay that needs a slot waits its turn, and one
+  that holds a slot hands it over after its page when others wait. At most
+  ``max_waiting`` replays wait (``WS_REPLAY_QUEUE``); a new replay past that gets an
+  error frame (``"code": "busy"``, retry later) and the symbol goes live without history.
 
-The live path is untouched: trades of a symbol being replayed are held by the session
-(``SymbolState.held``) and sent after the history, without duplicates.
+A replay leaves out what the client already has (up to the last sequence queued for
+it), so asking again for the same history reads nothing. The live path is untouched:
+trades of a symbol being replayed are held by the session (``SymbolState.held``) and
+sent after the history, without duplicates.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 
 Page = list[tuple[int, bytes]]
 
+HOLD_FOR = 0.1  # seconds a replay keeps its consumer and slot while its client's queue is full
+
 
 class Cursor(Protocol):
     """A history read, page by page (``nats_history.HistoryCursor``)."""
@@ -47,11 +55,19 @@ class Cursor(Protocol):
 
     async def next_page(self, size: int) -> Page: ...
 
+    async def pause(self) -> None:
+        """Let go of server resources and read-ahead; the next page picks up after the last."""
+
+    async def close(self) -> None:
+        """Stop reading; idempotent."""
+
 
 class OpenHistory(Protocol):
     """Plans the history read of one symbol (``NatsBackend.open_history``)."""
 
-    def __call__(self, symbol: str, *, since_seq: int | None, last: int | None, limit: int) -> Awaitable[Cursor]: ...
+    def __call__(
+        self, symbol: str, *, since_seq: int | None, last: int | None, limit: int, known_seq: int = 0
+    ) -> Awaitable[Cursor]: ...
 
 
 class ListCursor:
@@ -67,13 +83,21 @@ class ListCursor:
         self.done = not self._items
         return page
 
+    async def pause(self) -> None:
+        """Nothing to let go of."""
+
+    async def close(self) -> None:
+        self._items, self.done = [], True
+
 
 def list_history(history: Callable[..., Awaitable[tuple[Page, bool]]]) -> OpenHistory:
     """An ``OpenHistory`` from a backend's ``history(symbol, *, since_seq, last, limit)``."""
 
-    async def open_history(symbol: str, *, since_seq: int | None, last: int | None, limit: int) -> Cursor:
+    async def open_history(
+        symbol: str, *, since_seq: int | None, last: int | None, limit: int, known_seq: int = 0
+    ) -> Cursor:
         items, complete = await history(symbol, since_seq=since_seq, last=last, limit=limit)
-        return ListCursor(items, complete)
+        return ListCursor([item for item in items if item[0] > known_seq], complete)
 
     return open_history
 
@@ -83,8 +107,8 @@ class ReplayLimits:
     """Bounds of history replays.
 
     Attributes:
-        max_running: page reads at once per instance (``WS_MAX_REPLAYS``).
-        max_waiting: replays waiting for a page read before new ones are refused
+        max_running: replays reading at once per instance (``WS_MAX_REPLAYS``).
+        max_waiting: replays waiting for a read slot before new ones are refused
             (``WS_REPLAY_QUEUE``).
         page_size: trades read per page (``WS_REPLAY_PAGE``).
         history_max: most trades one replay sends (``WS_HISTORY_MAX``).
@@ -126,8 +150,8 @@ class Replays:
         self.limits = limits
         self._open_history = open_history
         self._slots = asyncio.Semaphore(limits.max_running)
-        self.running = 0  # page reads now
-        self.waiting = 0  # replays waiting for a page read
+        self.running = 0  # replays holding a read slot
+        self.waiting = 0  # replays waiting for one
         self.refused = 0  # replays refused: busy or already pending
 
     def start(self, session: ClientSession, requests: list[ReplayRequest]) -> None:
@@ -169,33 +193,39 @@ class Replays:
         """Send the history of one symbol, then its ``history`` frame (or an error frame)."""
         symbol, limits = request.symbol, self.limits
         cursor: Cursor | None = None
+        holding = False  # a read slot, and with it the cursor's consumer
         count, last_seq = 0, None
         try:
             while cursor is None or not cursor.done:
-                # Room first: a client that does not read holds no page and no consumer.
-                room = await session.wait_room(limits.page_size)
+                room = session.room
+                if holding and room <= 0 and not self.waiting:
+                    # A client that keeps up drains a page in a few ms: keep the consumer for it.
+                    with contextlib.suppress(TimeoutError):
+                        room = await asyncio.wait_for(session.wait_room(limits.page_size // 2), HOLD_FOR)
+                if room <= 0 or (holding and self.waiting):
+                    # The client is behind, or others wait their turn: give the consumer and
+                    # the slot back first. A client that does not read holds neither.
+                    if holding:
+                        holding = False
+                        await self._pause(cursor)
+                    room = await session.wait_room(max(1, limits.page_size // 2))
                 if session.kicked.is_set() or symbol not in session.symbols:
                     return  # closed, or unsubscribed meanwhile
-                if not await self._acquire(admit=cursor is None):
-                    self.refused += 1
-                    metrics.REPLAYS_REFUSED.labels("busy").inc()
-                    log.warning("history of %s for %s refused: %d replays waiting", symbol, session.name, self.waiting)
-                    session.offer(
-                        protocol.error_frame(
-                            f"history of {symbol} refused: server busy ({self.waiting} replays waiting), retry later",
-                            code="busy",
-                            symbol=symbol,
-                        )
+                if not holding:
+                    if not await self._acquire(admit=cursor is None):
+                        self._refuse_busy(session, symbol)
+                        return
+                    holding = True
+                if cursor is None:
+                    state = session.symbols.get(symbol)
+                    cursor = await self._open_history(
+                        symbol,
+                        since_seq=request.since_seq,
+                        last=request.last,
+                        limit=limits.history_max,
+                        known_seq=state.last_seq if state is not None else 0,
                     )
-                    return
-                try:
-                    if cursor is None:
-                        cursor = await self._open_history(
-                            symbol, since_seq=request.since_seq, last=request.last, limit=limits.history_max
-                        )
-                    page = await cursor.next_page(min(room, limits.page_size))
-                finally:
-                    self._release()
+                page = await cursor.next_page(min(room, limits.page_size))
                 for seq, payload in page:
                     await session.put_history(symbol, seq, protocol.trade_frame(request.prefix, payload.decode(), seq))
                 if page:
@@ -208,9 +238,35 @@ class Replays:
         except Exception as exc:  # noqa: BLE001 - the client is told, the service goes on
             log.warning("history of %s for %s failed after %d trades: %r", symbol, session.name, count, exc)
             session.offer(protocol.error_frame(f"history of {symbol} unavailable now", symbol=symbol))
+        finally:
+            try:
+                if cursor is not None:
+                    await cursor.close()  # deletes its consumer, if it has one
+            finally:
+                if holding:
+                    self._release()
+
+    async def _pause(self, cursor: Cursor | None) -> None:
+        try:
+            if cursor is not None:
+                await cursor.pause()
+        finally:
+            self._release()
+
+    def _refuse_busy(self, session: ClientSession, symbol: str) -> None:
+        self.refused += 1
+        metrics.REPLAYS_REFUSED.labels("busy").inc()
+        log.warning("history of %s for %s refused: %d replays waiting", symbol, session.name, self.waiting)
+        session.offer(
+            protocol.error_frame(
+                f"history of {symbol} refused: server busy ({self.waiting} replays waiting), retry later",
+                code="busy",
+                symbol=symbol,
+            )
+        )
 
     async def _acquire(self, *, admit: bool) -> bool:
-        """Take a page-read slot, waiting in turn; ``False`` if ``admit`` (a new replay)
+        """Take a read slot, waiting in turn; ``False`` if ``admit`` (a new replay)
         and ``max_waiting`` replays wait already. A replay under way always waits."""
         if self._slots.locked():
             if admit and self.waiting >= self.limits.max_waiting:

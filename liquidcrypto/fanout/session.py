@@ -138,6 +138,11 @@ class ClientSession:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def room(self) -> int:
+        """Frames that fit in the queue below its soft limit now (0 once closed)."""
+        return 0 if self.kicked.is_set() else max(0, self._soft_limit() - len(self._queue))
+
     # -- offers: never await ---------------------------------------------------
 
     def offer(self, frame: str) -> None:
