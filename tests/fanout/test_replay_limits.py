@@ -1,12 +1,14 @@
 """History replay limits (issue 11, item 2): a client flooding ``subscribe`` frames with
 ``"last": 10000`` and never reading must not degrade the instance for its other clients.
 
-Real nats-server, real uvicorn app process, real WebSocket clients (``websockets``).
+Real nats-server, real uvicorn app process, real WebSocket clients (``websockets``, and a raw
+socket for the client that never reads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -19,7 +21,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import websockets
 
 from liquidcrypto import NatsWebSocketManager
 from liquidcrypto.config import Settings
@@ -92,15 +93,46 @@ def app_reconnects(app: AppInstance) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-async def non_reading_client(url: str) -> Any:
-    """A WebSocket client that never reads: a tiny receive buffer, and ``websockets`` stops
-    reading the socket once one message is buffered (``max_queue=1``) and nobody calls recv."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    host, port = url.removeprefix("ws://").split("/")[0].split(":")
-    sock.connect((host, int(port)))
-    sock.setblocking(False)
-    return await websockets.connect(url, sock=sock, max_queue=1, ping_interval=None, open_timeout=10)
+class NonReadingClient:
+    """A raw WebSocket client that sends frames and never reads: after the handshake nothing
+    is read from its socket, whose receive buffer is tiny (the ``websockets`` client reads
+    ahead in the background however little one asks it to buffer)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def connect(cls, url: str) -> NonReadingClient:
+        host, port = url.removeprefix("ws://").split("/")[0].split(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (host, int(port)))
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, request.encode())
+        head = b""
+        while b"\r\n\r\n" not in head:  # the handshake answer (and maybe the start of the welcome frame)
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+            assert chunk, "closed during the handshake"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head[:200]
+        return cls(sock)
+
+    async def send(self, text: str) -> None:
+        payload = text.encode()
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        frame = bytes([0x81, 0x80 | len(payload)]) + mask + masked
+        await asyncio.get_running_loop().sock_sendall(self.sock, frame)
+
+    async def close(self) -> None:
+        self.sock.close()
 
 
 async def store_trades(manager: NatsWebSocketManager, symbol: str, n: int) -> None:
@@ -127,7 +159,7 @@ async def test_replay_flood_from_a_non_reading_client_leaves_the_instance_health
         slow_before = monitor(module_nats, "/varz")["slow_consumers"]
         rss_before = rss_mb(pid)
 
-        flooder = await non_reading_client(app.ws)
+        flooder = await NonReadingClient.connect(app.ws)
         frame = '{"action":"subscribe","symbols":["BTCUSDT"],"last":10000}'
         for _ in range(FLOOD_FRAMES):
             await asyncio.wait_for(flooder.send(frame), 10)
