@@ -340,10 +340,12 @@ async def test_a_client_that_stops_reading_holds_no_consumer_and_resumes_where_i
 
 async def test_a_second_replay_of_a_pending_symbol_is_refused(client: NatsClient) -> None:
     m = await make_manager(client)
-    gate = asyncio.Event()
+    gate = asyncio.Event()  # the client reads once it opens
+    frames: list[dict[str, Any]] = []
 
     async def send(text: str) -> None:
         await gate.wait()
+        frames.append(orjson.loads(text))
 
     try:
         for i in range(300):
@@ -351,32 +353,29 @@ async def test_a_second_replay_of_a_pending_symbol_is_refused(client: NatsClient
         await m.flush()
         session = ClientSession(send, m.queue_policy, name="dup")
         m.register(session)
-        writer = asyncio.ensure_future(session.run_writer())
-        frames: list[dict[str, Any]] = []
-        offer = session.offer
-        session.offer = lambda frame: (frames.append(orjson.loads(frame)), offer(frame))[1]  # type: ignore[method-assign]
+        session.spawn(session.run_writer(), "writer")
         first = asyncio.ensure_future(m.client_subscribe(session, protocol.Subscribe(symbols=("PD",), last=300)))
-        await eventually(lambda: session.replay_pending("PD"), what="first replay pending")
-        # Not through the endpoint (its reader waits), but two frames handled at once.
+        await eventually(lambda: session.replay_pending("PD") and session.room == 0, what="first replay stalled")
+        # Not through the endpoint (its reader waits for the first), but two frames handled at once.
         second = asyncio.ensure_future(m.client_subscribe(session, protocol.Subscribe(symbols=("PD",), last=300)))
-        await eventually(
-            lambda: any(f.get("code") == "replay_pending" for f in frames), what="the second replay refused"
-        )
-        error = next(f for f in frames if f.get("code") == "replay_pending")
-        assert error["type"] == "error" and error["symbol"] == "PD" and "PD" in error["message"]
-        assert m.stats()["replays"]["refused"] == 1
+        await eventually(lambda: m.stats()["replays"]["refused"] == 1, what="the second replay refused")
+        assert session.replay_pending("PD") and not first.done()
         gate.set()
         await asyncio.wait_for(asyncio.gather(first, second), 20)
+        await eventually(lambda: any(f["type"] == "history" for f in frames), what="history of the first")
+        errors = [f for f in frames if f["type"] == "error"]
+        assert len(errors) == 1 and errors[0]["code"] == "replay_pending" and errors[0]["symbol"] == "PD"
         assert [f["count"] for f in frames if f["type"] == "history"] == [300]
-        writer.cancel()
+        assert trades_of(frames, "PD") == list(range(300))
         await m.unregister(session)
         await session.cancel_tasks()
     finally:
+        gate.set()
         await m.close()
 
 
 class GatedCursor:
-    """One page of one trade, read once ``gate`` opens (holds a page-read slot until then)."""
+    """One page of one trade, read once ``gate`` opens (holds a read slot until then)."""
 
     def __init__(self, gate: asyncio.Event) -> None:
         self.gate = gate
