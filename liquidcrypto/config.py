@@ -102,6 +102,9 @@ class Settings:
     ws_write_delay: float = 0.0
     ws_publish_window: int = 1024
     ws_history_max: int = 10_000
+    ws_max_replays: int = 8
+    ws_replay_queue: int = 64
+    ws_replay_page: int = 256
     ws_max_bad_frames: int = 10
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
@@ -136,6 +139,9 @@ class Settings:
         write_delay = _float(e, "WS_WRITE_DELAY", 0.0)
         if not 0 <= write_delay <= 1:
             raise ValueError(f"environment variable WS_WRITE_DELAY={write_delay:g} must be 0 to 1 seconds")
+        for name, least in (("WS_MAX_REPLAYS", 1), ("WS_REPLAY_PAGE", 1), ("WS_REPLAY_QUEUE", 0)):
+            if _int(e, name, least) < least:
+                raise ValueError(f"environment variable {name}={_int(e, name, least)} must be at least {least}")
         return cls(
             nats_url=e.get("NATS_URL") or DEFAULT_NATS_URL,
             js_replicas=replicas,
@@ -165,6 +171,9 @@ class Settings:
             ws_write_delay=write_delay,
             ws_publish_window=_int(e, "WS_PUBLISH_WINDOW", 1024),
             ws_history_max=_int(e, "WS_HISTORY_MAX", 10_000),
+            ws_max_replays=_int(e, "WS_MAX_REPLAYS", 8),
+            ws_replay_queue=_int(e, "WS_REPLAY_QUEUE", 64),
+            ws_replay_page=_int(e, "WS_REPLAY_PAGE", 256),
             ws_max_bad_frames=_int(e, "WS_MAX_BAD_FRAMES", 10),
             ws_ping_interval=_positive(e, "WS_PING_INTERVAL", 20.0),
             ws_ping_timeout=_positive(e, "WS_PING_TIMEOUT", 20.0),

@@ -24,6 +24,7 @@ from liquidcrypto.errors import BackendUnavailableError, InvalidPayloadError, Li
 from liquidcrypto.fanout import limits, metrics, protocol
 from liquidcrypto.fanout.backend import Backend
 from liquidcrypto.fanout.handlers import HandlerListener
+from liquidcrypto.fanout.replay import ReplayLimits, ReplayRequest, Replays, list_history
 from liquidcrypto.fanout.session import ClientSession, QueuePolicy, SymbolState
 from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient, get_client
@@ -88,9 +89,16 @@ class NatsWebSocketManager:
             disconnect_after=self.settings.ws_disconnect_after,
             write_delay=self.settings.ws_write_delay,
         )
+        self.replay_limits = ReplayLimits(
+            max_running=self.settings.ws_max_replays,
+            max_waiting=self.settings.ws_replay_queue,
+            page_size=self.settings.ws_replay_page,
+            history_max=self.settings.ws_history_max,
+        )
         self._client = client
         self._transport = transport
         self._backend: Backend | None = None
+        self._replays: Replays | None = None
         self._feeds: dict[str, _Feed] = {}
         self.sessions: set[ClientSession] = set()
         self._handler_tasks = TaskSet("trade-handler")
@@ -137,6 +145,9 @@ class NatsWebSocketManager:
         await backend.start(self._on_trade, self._on_broadcast)
         self._backend = backend
         self._retry_tasks.spawn(self._retry_waiting_feeds(), "ws-feed-retry")
+        # Paged history where the backend can page it (NATS), else read at once.
+        open_history = getattr(backend, "open_history", None) or list_history(backend.history)
+        self._replays = Replays(self.replay_limits, open_history)
         log.info("WebSocket manager %s started with the %s backend", self.instance_id, self.backend_name)
 
     async def close(self) -> None:
@@ -446,7 +457,7 @@ class NatsWebSocketManager:
                     continue
                 state = session.symbols[symbol] = SymbolState()
             state.conflate = request.conflate
-            if replay and symbol in since_of:
+            if replay and symbol in since_of and not session.replay_pending(symbol):
                 session.begin_replay(symbol)
             try:
                 await self._add(symbol, session=session)
@@ -464,6 +475,7 @@ class NatsWebSocketManager:
                 )
             )
         session.offer(protocol.frame("subscribed", symbols=[s for s in request.symbols if s not in full]))
+        requests: list[ReplayRequest] = []
         for symbol, since in since_of.items():
             if not replay:
                 session.offer(
@@ -476,31 +488,14 @@ class NatsWebSocketManager:
                     )
                 )
                 continue
-            session.spawn(self._replay(session, symbol, since, request.last), f"replay:{symbol}")
-
-    async def _replay(self, session: ClientSession, symbol: str, since: int | None, last: int | None) -> None:
-        feed = self._feeds.get(symbol)
-        prefix = feed.prefix if feed is not None else protocol.trade_frame_head(symbol)
-        try:
-            items, complete = await self.backend.history(
-                symbol, since_seq=since, last=last, limit=self.settings.ws_history_max
-            )
-            for seq, payload in items:
-                await session.put_history(symbol, seq, protocol.trade_frame(prefix, payload.decode(), seq))
-            metrics.HISTORY_FRAMES.inc(len(items))
-            session.offer(
-                protocol.frame(
-                    "history",
-                    symbol=symbol,
-                    count=len(items),
-                    complete=complete,
-                    last_seq=items[-1][0] if items else None,
-                )
-            )
-        except Exception as exc:  # noqa: BLE001 - the client is told, the service goes on
-            log.warning("history of %s for %s failed: %r", symbol, session.name, exc)
-            session.offer(protocol.error_frame(f"history of {symbol} is unavailable now; try again later"))
-        await session.end_replay(symbol)
+            feed = self._feeds.get(symbol)
+            prefix = feed.prefix if feed is not None else protocol.trade_frame_head(symbol)
+            requests.append(ReplayRequest(symbol=symbol, since_seq=since, last=request.last, prefix=prefix))
+        if requests and self._replays is not None:
+            self._replays.start(session, requests)
+            # Back-pressure on the reader: no further frame of this client is read until
+            # its replays are done (see fanout.replay).
+            await session.wait_replays()
 
     async def client_unsubscribe(self, session: ClientSession, symbols: Iterable[str]) -> None:
         done = []
@@ -525,4 +520,5 @@ class NatsWebSocketManager:
             "handler_dropped": self.handler_dropped,
             "clients_total": totals,
             "transport": self._backend.stats() if self._backend is not None else {},
+            "replays": self._replays.stats() if self._replays is not None else {},
         }

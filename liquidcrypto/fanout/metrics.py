@@ -38,6 +38,13 @@ SLOW_DISCONNECTS = Counter("liquidcrypto_ws_client_slow_disconnects", "Clients c
 BAD_FRAMES = Counter("liquidcrypto_ws_client_bad_frames", "Client frames answered with an error")
 POLICY_CLOSES = Counter("liquidcrypto_ws_client_policy_closes", "Clients closed with 1008 (abuse, auth, limits)")
 HISTORY_FRAMES = Counter("liquidcrypto_ws_history_frames", "Trades replayed from the stream to clients")
+REPLAYS_RUNNING = Gauge(
+    "liquidcrypto_ws_replays_running", "History replays reading the stream (at most WS_MAX_REPLAYS)"
+)
+REPLAYS_WAITING = Gauge("liquidcrypto_ws_replays_waiting", "History replays waiting for their turn to read")
+REPLAYS_REFUSED = Counter(
+    "liquidcrypto_ws_replays_refused", "History replays refused (busy: queue full; pending: one already)", ["reason"]
+)
 HANDLER_DROPPED = Counter(
     "liquidcrypto_ws_handler_dropped", "Trades dropped for a subscribe_to_trade_events handler that lagged"
 )

@@ -448,6 +448,15 @@ class NatsBackend:
         """Stored trades of ``symbol`` after ``since_seq``, or its ``last`` N (see ``nats_history``)."""
         return await nats_history.read_history(self.client, symbol, since_seq=since_seq, last=last, limit=limit)
 
+    async def open_history(
+        self, symbol: str, *, since_seq: int | None, last: int | None, limit: int, known_seq: int = 0
+    ) -> nats_history.HistoryCursor:
+        """The same history, read page by page, without what the client has up to ``known_seq``
+        (``/ws`` replays; see ``fanout.replay``)."""
+        return await nats_history.HistoryCursor.open(
+            self.client, symbol, since_seq=since_seq, last=last, limit=limit, known_seq=known_seq
+        )
+
     def stats(self) -> dict[str, int]:
         return {
             "published": self._published,

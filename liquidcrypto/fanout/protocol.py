@@ -14,7 +14,7 @@ Server frames (JSON text, each with a ``type``)::
     {"type": "subscribed" | "unsubscribed", "symbols": [...]}
     {"type": "broadcast", "data": ...}
     {"type": "pong"}
-    {"type": "error", "message": "..."}
+    {"type": "error", "message": "..."}      # maybe with "code" and "symbol"
 
 Any frame may carry ``"missed": N``: the number of trades this client did not get since
 its previous frame (conflated or dropped because it read too slowly).
@@ -137,5 +137,6 @@ def frame(type_: str, **fields: Any) -> str:
     return codec.encode({"type": type_, **fields}).decode()
 
 
-def error_frame(message: str) -> str:
-    return frame("error", message=message)
+def error_frame(message: str, **fields: Any) -> str:
+    """An ``error`` frame: ``message`` for people, and ``fields`` such as a ``code`` for programs."""
+    return frame("error", message=message, **fields)

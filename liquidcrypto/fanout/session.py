@@ -14,6 +14,11 @@ Every trade the client does not get is counted, and its next frame carries
 ``"missed": N``. Trades whose sequence was already queued for the client are skipped,
 which makes the history-to-live hand-over free of duplicates.
 
+History replays (``fanout.replay``) never conflate nor drop: they wait for room
+(``wait_room`` before reading a page, ``put_history`` per trade). The session also keeps
+which of its symbols have a replay pending, so the endpoint stops reading the client's
+frames until they are done (``wait_replays``).
+
 A client that connected with ``?batch=1`` gets everything queued for it at the moment
 its writer runs in one WebSocket message, the frames separated by newlines (JSON text
 never contains a raw newline), as Centrifugo's JSON protocol does: one send and one
@@ -121,10 +126,22 @@ class ClientSession:
         self.missed = 0
         self._lost_since_progress = 0
         self.tasks = TaskSet(self.name)
+        # History replays: the symbols with one pending, and the writer's signal that
+        # the queue went down to _low_mark (-1: nobody waits for it).
+        self.replays: set[str] = set()
+        self._replays_idle = asyncio.Event()
+        self._replays_idle.set()
+        self._low = asyncio.Event()
+        self._low_mark = -1
 
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def room(self) -> int:
+        """Frames that fit in the queue below its soft limit now (0 once closed)."""
+        return 0 if self.kicked.is_set() else max(0, self._soft_limit() - len(self._queue))
 
     # -- offers: never await ---------------------------------------------------
 
@@ -210,12 +227,52 @@ class ClientSession:
         self.kicked.set()
         self._wake.set()
         self._room.set()
+        self._low.set()
+        self._replays_idle.set()
 
     # -- history hand-over -----------------------------------------------------
 
     def begin_replay(self, symbol: str) -> None:
         """Hold live trades of ``symbol`` until ``end_replay``."""
         self.symbols[symbol].replaying = True
+
+    def replay_pending(self, symbol: str) -> bool:
+        """Whether a history replay of ``symbol`` is pending (queued or running) for this client."""
+        return symbol in self.replays
+
+    def replays_started(self, symbols: list[str]) -> None:
+        """Record replays of ``symbols`` as pending (``wait_replays`` waits for them)."""
+        self.replays.update(symbols)
+        if self.replays:
+            self._replays_idle.clear()
+
+    def replay_finished(self, symbol: str) -> None:
+        """Record the replay of ``symbol`` as done (finished, failed or refused)."""
+        self.replays.discard(symbol)
+        if not self.replays:
+            self._replays_idle.set()
+
+    async def wait_replays(self) -> None:
+        """Return once no replay is pending for this client, or it was closed."""
+        await self._replays_idle.wait()
+
+    async def wait_room(self, want: int) -> int:
+        """Wait until at least ``want`` frames fit in the queue below its soft limit
+        (``want`` is capped at that limit), or the client is closed.
+
+        Returns:
+            how many frames fit now (0 if the client was closed).
+        """
+        soft = self._soft_limit()
+        want = max(1, min(want, soft))
+        while not self.kicked.is_set() and soft - len(self._queue) < want:
+            self._low_mark = soft - want
+            self._low.clear()
+            try:
+                await self._low.wait()
+            finally:
+                self._low_mark = -1
+        return 0 if self.kicked.is_set() else soft - len(self._queue)
 
     async def put_history(self, symbol: str, seq: int, frame: str) -> None:
         """Queue a replayed trade, waiting for room rather than conflating or dropping.
@@ -279,6 +336,8 @@ class ClientSession:
                     frames = len(parts)
                 if len(queue) < soft_limit:
                     self._room.set()
+                    if len(queue) <= self._low_mark:
+                        self._low.set()
                 await self._send(text)
                 self.sent += frames
                 self._lost_since_progress = 0

@@ -132,6 +132,8 @@ class StreamRange:
     Attributes:
         end: why the range ended, ``None`` while it is being read.
         count: messages read so far.
+        first_seq: the stream's first sequence when the range was entered (a start
+            below it means the messages before it are gone).
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class StreamRange:
         self._start = start
         self._end_arg = end_seq
         self._end_seq = 0  # the range's last stream sequence, fixed on entering
+        self.first_seq = 0
         self._limit = limit
         self._idle_timeout = idle_timeout
         self.end: RangeEnd | None = None
@@ -190,6 +193,7 @@ class StreamRange:
         except (nats.errors.Error, TimeoutError) as exc:
             raise NatsUnavailableError(f"cannot read {self.stream}: {exc!r}") from exc
         first, last = int(state.first_seq or 0), int(state.last_seq or 0)
+        self.first_seq = first
         self._end_seq = last if self._end_arg is None else min(self._end_arg, last)
         policy = await self._policy(js, first)
         if policy is None:

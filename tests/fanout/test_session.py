@@ -234,3 +234,41 @@ def test_trade_frame_embeds_the_published_json_unchanged() -> None:
     frame = orjson.loads(protocol.trade_frame(protocol.trade_frame_head('we"ird'), data, 42))
     assert frame == {"type": "trade", "symbol": 'we"ird', "data": orjson.loads(data), "seq": 42}
     assert orjson.loads(protocol.with_missed(protocol.frame("pong"), 3)) == {"type": "pong", "missed": 3}
+
+
+async def test_wait_room_waits_until_a_page_fits_below_the_soft_limit() -> None:
+    s, sock = session_with(QueuePolicy(queue_size=20, conflate_at=10, disconnect_after=0), "A")
+    assert await s.wait_room(100) == 10  # capped at the soft limit; an empty queue has room for it
+    sock.open.clear()
+    writer = asyncio.ensure_future(s.run_writer())
+    for seq in range(1, 11):
+        await s.put_history("A", seq, trade("A", seq))
+    room = asyncio.ensure_future(s.wait_room(4))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not room.done()  # the client does not read: nothing to fetch
+    sock.open.set()
+    assert await asyncio.wait_for(room, 5) >= 4
+    writer.cancel()
+
+
+async def test_pending_replays_are_tracked_and_a_kick_releases_every_waiter() -> None:
+    s, _ = session_with(QueuePolicy(queue_size=4, conflate_at=2, disconnect_after=0), "A", "B")
+    await asyncio.wait_for(s.wait_replays(), 1)  # none pending
+    s.replays_started(["A", "B"])
+    assert s.replay_pending("A") and s.replay_pending("B")
+    waiting = asyncio.ensure_future(s.wait_replays())
+    s.replay_finished("A")
+    await asyncio.sleep(0)
+    assert not waiting.done() and not s.replay_pending("A")
+    s.replay_finished("B")
+    await asyncio.wait_for(waiting, 1)
+    s.replays_started(["A"])
+    s.offer("{}")
+    s.offer("{}")  # full to its soft limit, and no writer
+    room = asyncio.ensure_future(s.wait_room(2))
+    waiting = asyncio.ensure_future(s.wait_replays())
+    await asyncio.sleep(0)
+    s.kick(1001, "bye")
+    assert await asyncio.wait_for(room, 1) == 0
+    await asyncio.wait_for(waiting, 1)
