@@ -6,7 +6,8 @@ set; a request without ``Origin`` is not from a browser and passes) and the toke
 403). A session admitted by a JWT is closed with 4001 when the JWT expires.
 
 Per connection: one reader (this coroutine), one writer task draining the session's
-queue, and a replay task per history request; all are owned by the session and
+queue, and the replays of its latest subscribe frame (``fanout.replay``: the reader
+reads no further frame until they are done); all are owned by the session and
 cancelled when the client leaves or is closed. Bad frames get an ``error`` frame; after
 ``WS_MAX_BAD_FRAMES`` of them the client is closed with 1008. A client that left is
 logged at debug level, not as an error. ``/ws?batch=1`` asks for newline-batched
