@@ -349,11 +349,6 @@ def _remember(seen: OrderedDict[str, None], rid: str) -> None:
         seen.popitem(last=False)
 
 
-def _raw_body(data: bytes) -> Any:
-    """A message body that is not a result, as text for a dead letter (at most 4 KiB)."""
-    return data[:4096].decode("utf-8", errors="replace")
-
-
 class ResultSubscription:
     """A running ``subscribe_to_results``; ``await unsubscribe()`` to stop it.
 
@@ -384,6 +379,7 @@ class ResultSubscription:
         Raises:
             ConsumerConflictError: another reader of the session stayed active.
         """
+        await infra.ensure(self.client)  # the dead-letter stream, for results its handler fails on
         await self._reader.open()
         return self
 
@@ -434,13 +430,13 @@ class ResultSubscription:
         stored there, leave it for redelivery (never acknowledged and lost)."""
         headers = msg.headers or {}
         letter = DeadLetter(
-            kind="result", task=result.to_wire() if result is not None else _raw_body(msg.data),
+            kind="result", task=result.to_wire() if result is not None else dead_letters.raw_text(msg.data),
             task_id=headers.get(hdr.TASK_ID) or rid, subject=msg.subject, attempts=attempts, last_error=error,
         )
         try:
             # One letter per stored result message, however often it is redelivered.
             await dead_letters.publish_dead_letter(
-                self.client, letter, msg_id=f"dlq.result.{msg.metadata.sequence.stream}"
+                self.client, letter, msg_id=f"dlq.result.{msg.metadata.sequence.stream}", raw=msg.data
             )
             await msg.ack_sync(timeout=REMOVE_TIMEOUT)
         except (LiquidNatsError, nats.errors.Error, TimeoutError) as exc:
