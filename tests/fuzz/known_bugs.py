@@ -12,40 +12,27 @@ Left out in ``strategies`` (they shape what is drawn):
   (``Harness.reply_to_checked``; ``strategies.reply_targets``);
 - finding A, a subject with a vertical tab or form feed drops the receiver's
   connection (``strategies.PARSER_BREAKING``);
-- findings B and C, JSON nested deeper than 200 levels (``strategies.MAX_OBJECT_NESTING``);
-- finding C, a task subject token the package refuses (``strategies.task_token``);
-- issue 10 finding 2, body + headers over ``max_payload``, and finding F, a malformed
-  task whose dead letter lands just under ``max_payload`` (its header then pushes the
-  worker's publish over, and the server closes the worker's connection): bodies stay
-  below 310 kB, far from 1 MiB.
+- finding B, JSON objects nested 1,000 levels or deeper (``strategies.MAX_OBJECT_NESTING``);
+- issue 10 finding 2, body + headers over ``max_payload``: bodies stay below 310 kB, far
+  from 1 MiB (reproduced on its own in ``test_regressions.py``, like finding F).
 
 Left out here (predicates on a drawn message, applied with ``hypothesis.assume``):
-- finding D, a task whose body names another session/sub-PRD than its subject;
 - finding E, a stored ``Status`` header on a message a pull consumer reads.
+
+Fixed, and drawn again: finding C (task subject tokens the package refuses, objects nested
+past orjson's encoder limit), finding D (a task whose body names another session/sub-PRD
+than its subject: dead-lettered, never run) and finding F.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from liquidcrypto.workqueue.models import decode_task
 from tests.fuzz.budget import INCLUDE_KNOWN_BUGS
 from tests.fuzz.service import DURABLE_AGENT
-from tests.fuzz.traffic import TASKS_PREFIX, AttackMsg
+from tests.fuzz.traffic import AttackMsg
 
 PULLED_PREFIXES = ("orchestrator.tasks.", "orchestrator.results.", f"agents.{DURABLE_AGENT}.tasks.")
-
-
-def forged_result_subject(msg: AttackMsg) -> bool:
-    """Finding D: the worker publishes the result under the ids of the task's body, not
-    those of the subject it arrived on."""
-    if not msg.subject.startswith(TASKS_PREFIX):
-        return False
-    try:
-        task = decode_task(msg.body)
-    except Exception:  # noqa: BLE001 - malformed: dead-lettered under the subject's name
-        return False
-    return task.subject != msg.subject
 
 
 def status_header_on_pulled_message(msg: AttackMsg) -> bool:
@@ -57,4 +44,4 @@ def status_header_on_pulled_message(msg: AttackMsg) -> bool:
 def hits_known_bug(batch: Iterable[AttackMsg]) -> bool:
     if INCLUDE_KNOWN_BUGS:
         return False
-    return any(forged_result_subject(m) or status_header_on_pulled_message(m) for m in batch)
+    return any(status_header_on_pulled_message(m) for m in batch)
