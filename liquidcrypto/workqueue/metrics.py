@@ -13,7 +13,7 @@ TASKS_DONE = Counter(
     "liquidcrypto_wq_tasks_total",
     "Task deliveries handled by workers, by outcome "
     "(success, retry, failure = dead-lettered, invalid = malformed/wrong result, declined, requeued, "
-    "handed_back = arrived with no free slot)",
+    "handed_back = arrived with no free slot, already_done, terminated = could not even be dead-lettered)",
     ["outcome"],
 )
 OK = TASKS_DONE.labels(outcome="success")
