@@ -21,6 +21,7 @@ import logging
 from typing import Any
 
 import msgspec
+from nats.js.errors import BadRequestError
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from liquidcrypto import codec
@@ -40,6 +41,9 @@ from liquidcrypto.workqueue.models import DeadLetter, EnqueueReceipt, TaskResult
 log = logging.getLogger(__name__)
 
 
+POISON_ERRORS = (InvalidPayloadError, PayloadTooLargeError, InvalidSubjectError, BadRequestError)
+"""What storing a dead letter (or a failure result) raises for a message whatever is
+retried: it cannot be encoded, is too large, or the stream refuses it."""
 RAW_KEEP = 4096
 """Bytes of a task (or result) kept, as text, when it cannot be kept as it was."""
 MAX_TAIL = 1024
@@ -226,6 +230,11 @@ async def _store_result_again(client: NatsClient, letter: DeadLetter, fresh: str
         result = TaskResult.from_dict(letter.task)
     except ValueError as exc:
         raise InvalidTaskError(f"dead letter {letter.id} holds a malformed result: {exc}") from exc
+    if letter.subject.startswith(subjects.ORCHESTRATOR_RESULTS + ".") and result.subject != letter.subject:
+        raise InvalidTaskError(
+            f"dead letter {letter.id} holds a result for {result.session_id}/{result.sub_prd_id} that was sent on "
+            f"{letter.subject!r}; it cannot be requeued (the subject is the authority)"
+        )
     info = await client.js.stream_info(infra.TASKS_STREAM)
     msg_id = f"{infra.result_msg_id(letter.task_id)}.{fresh}"
     headers = infra.result_headers(

@@ -34,6 +34,10 @@ RESULTS_COLLECTED = Counter(
 DUPLICATE_RESULTS = Counter(
     "liquidcrypto_wq_duplicate_results_total", "Result messages dropped by consumer-side de-duplication"
 )
+RESULTS_TERMINATED = Counter(
+    "liquidcrypto_wq_results_terminated_total",
+    "Results subscribe_to_results could not even dead-letter: terminated, logged at error",
+)
 DEAD_LETTERS = Counter("liquidcrypto_wq_dead_letters_total", "Tasks moved to ORCHESTRATOR_DLQ")
 CONSUMER_REBINDS = Counter(
     "liquidcrypto_wq_consumer_rebinds_total", "Pull subscriptions re-created (after reconnects or errors)"

@@ -30,7 +30,6 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
-from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
 from liquidcrypto import codec
@@ -39,7 +38,6 @@ from liquidcrypto.errors import (
     InvalidSubjectError,
     InvalidTaskError,
     LiquidNatsError,
-    PayloadTooLargeError,
 )
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import subjects
@@ -435,9 +433,7 @@ MAX_ERROR = 4096
 MAX_TASK_ID = 1024
 """A longer ``Nats-Msg-Id`` is replaced by ``sha256-{hex}`` as the worker's task id: it is
 repeated in the headers of the result and dead letter, which the server bounds (64 KiB)."""
-# Errors that storing a dead letter or failure result raises for this message whatever
-# is retried: it cannot be encoded, is too large, or the stream refuses it.
-POISON_ERRORS = (InvalidPayloadError, PayloadTooLargeError, InvalidSubjectError, BadRequestError)
+POISON_ERRORS = dead_letters.POISON_ERRORS
 
 
 def _subject_ids(subject: str) -> tuple[str, str] | None:

@@ -31,6 +31,8 @@ from liquidcrypto.workqueue.dead_letters import dlq_subject_for, result_dlq_subj
 from liquidcrypto.workqueue.models import DeadLetter
 from tests.helpers import eventually
 
+OK_RESULT = b'{"sessionId":"s","subPrdId":"ok","success":true}'
+
 
 @pytest.fixture
 async def attacker(nats_server: NatsServer) -> AsyncIterator[Nats]:
@@ -237,8 +239,7 @@ async def test_an_unreadable_result_on_an_invalid_subject_is_dead_lettered(
     async with WorkQueue(client) as wq:
         sub = await wq.subscribe_to_results("s", lambda r: got.append(r.sub_prd_id))
         await attacker.jetstream().publish("orchestrator.results.s.a\u2028b", b"not json")
-        ok = b'{"sessionId":"s","subPrdId":"ok","success":true}'
-        await attacker.jetstream().publish("orchestrator.results.s.ok", ok)
+        await attacker.jetstream().publish("orchestrator.results.s.ok", OK_RESULT)
         await eventually(lambda: got == ["ok"], what="the next result delivered")
         letter = (await letters(client, 1))["orchestrator.results.s.a\u2028b"]
 
@@ -249,3 +250,59 @@ async def test_an_unreadable_result_on_an_invalid_subject_is_dead_lettered(
         await sub.unsubscribe()
     assert letter.kind == "result" and letter.task == "not json"
     assert not errors(caplog)
+
+
+async def test_a_result_naming_another_sub_prd_is_dead_lettered_not_delivered(
+    client: NatsClient, attacker: Nats, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Whoever may publish the result of s.x must not be able to pass it off as that of s.y.
+    caplog.set_level(logging.WARNING)
+    got: list[str] = []
+    forged = b'{"sessionId":"s","subPrdId":"y","success":true}'
+    async with WorkQueue(client) as wq:
+        sub = await wq.subscribe_to_results("s", lambda r: got.append(r.sub_prd_id))
+        await attacker.jetstream().publish("orchestrator.results.s.x", forged)
+        await attacker.jetstream().publish("orchestrator.results.s.ok", OK_RESULT)
+        await eventually(lambda: got == ["ok"], what="the next result delivered")
+        letter = (await letters(client, 1))["orchestrator.results.s.x"]
+        await sub.unsubscribe()
+    assert letter.kind == "result" and letter.task == forged.decode()
+    assert "s/y" in letter.last_error and "orchestrator.results.s.x" in letter.last_error
+    with pytest.raises(InvalidTaskError):
+        await requeue_dead_letter(client, letter.id)
+    assert not errors(caplog)
+
+
+async def test_collect_results_skips_a_result_naming_another_sub_prd(client: NatsClient, attacker: Nats) -> None:
+    await attacker.jetstream().publish("orchestrator.results.s.x", b'{"sessionId":"s","subPrdId":"y","success":true}')
+    await attacker.jetstream().publish("orchestrator.results.s.z", b'{"sessionId":"s","subPrdId":"z","success":true}')
+    async with WorkQueue(client) as wq:
+        got = await wq.collect_results("s", 2, timeout=1.5)
+    assert [r.sub_prd_id for r in got] == ["z"] and not got.complete
+
+
+def result_terminations() -> float:
+    return REGISTRY.get_sample_value("liquidcrypto_wq_results_terminated_total") or 0.0
+
+
+async def test_a_result_the_dead_letter_stream_refuses_is_terminated_loudly(
+    client: NatsClient, attacker: Nats, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    before = result_terminations()
+    got: list[str] = []
+    async with WorkQueue(client) as wq:
+        sub = await wq.subscribe_to_results("s", lambda r: got.append(r.sub_prd_id))
+        dlq = (await client.js.stream_info(streams.ORCHESTRATOR_DLQ)).config
+        await client.js.update_stream(dataclasses.replace(dlq, max_msg_size=64))
+        await attacker.jetstream().publish("orchestrator.results.s.bad", b"not json")
+        await attacker.jetstream().publish("orchestrator.results.s.ok", OK_RESULT)
+        await eventually(lambda: got == ["ok"], what="the next result delivered")
+
+        async def consumed() -> bool:
+            return await subject_count(client, "orchestrator.results.s.>") == 0
+
+        await eventually(consumed, what="both results consumed")
+        await sub.unsubscribe()
+    assert result_terminations() == before + 1
+    assert [e for e in errors(caplog) if "terminated" in e and "orchestrator.results.s.bad" in e]
