@@ -4,18 +4,20 @@ Messages come from a ``PullConsumer`` (``liquidcrypto.nats.pull``) with ``capaci
 ``concurrency``: pull requests ask for exactly the free slots, so a busy worker never
 holds tasks another worker could run, each slot asks for the next task as soon as it
 finishes, running tasks get ``in_progress()`` every ``ack_wait/2``, and ``stop()`` hands
-unfinished tasks back. Per task (``_process``): decode it; a task whose body names another session or sub-PRD
-than its subject is dead-lettered as invalid, never run (the subject is the authority); if it is a redelivery whose
-result is stored already (an earlier run died before its ack), acknowledge it and stop;
-run the handler (a plain ``def`` one in the worker's own threads, so the loop keeps
-beating); if the task was stored more than half the de-duplication window ago, look for
-a result another run stored meanwhile; publish its result (``results.publish_result``,
+unfinished tasks back. Per task (``_process``): decode it; a task whose body names
+another session or sub-PRD than its subject is dead-lettered as invalid, never run (the
+subject is the authority); if it is a redelivery whose result is stored already (an
+earlier run died before its ack), acknowledge it and stop; run the handler (a plain
+``def`` one in the worker's own threads, so the loop keeps beating); if the task was
+stored more than half the de-duplication window ago, look for a result another run
+stored meanwhile; publish its result (``results.publish_result``,
 ``Nats-Msg-Id = result.{task_id}``, ``Nats-TTL = result_ttl``), then double-ack
 (``ack_sync``). A failed run is counted in the attempts bucket and ``nak``-ed with a
 back-off delay; after ``max_deliver`` failures the task gets a failure result and a dead
-letter (``dead_letters``), then is acknowledged; a task that cannot even be dead-lettered
-is terminated (logged at error, ``outcome="terminated"``). A permanent error of the consumer stops
-the worker visibly (``failure``, ``wait()``, ``health()``, ``liquidcrypto_wq_workers_failed``)."""
+letter (``dead_letters``), then is acknowledged; a task that cannot even be
+dead-lettered is terminated (logged at error, ``outcome="terminated"``). A permanent
+error of the consumer stops the worker visibly (``failure``, ``wait()``, ``health()``,
+``liquidcrypto_wq_workers_failed``)."""
 
 from __future__ import annotations
 
@@ -389,7 +391,7 @@ class Worker:
                 await self._terminate(msg, task_id, f"{type(exc).__name__}: {exc}", error)
                 return
             await msg.ack_sync(timeout=5.0)
-        except (LiquidNatsError, nats.errors.Error, TimeoutError) as exc:
+        except (LiquidNatsError, ValueError, nats.errors.Error, TimeoutError) as exc:
             log.error("could not dead-letter task %s (%s); it will be redelivered", task_id, exc)
             return
         self.processed += 1
