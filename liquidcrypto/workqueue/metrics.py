@@ -13,7 +13,7 @@ TASKS_DONE = Counter(
     "liquidcrypto_wq_tasks_total",
     "Task deliveries handled by workers, by outcome "
     "(success, retry, failure = dead-lettered, invalid = malformed/wrong result, declined, requeued, "
-    "handed_back = arrived with no free slot)",
+    "handed_back = arrived with no free slot, already_done, terminated = could not even be dead-lettered)",
     ["outcome"],
 )
 OK = TASKS_DONE.labels(outcome="success")
@@ -31,6 +31,10 @@ IN_FLIGHT = Gauge("liquidcrypto_wq_tasks_in_flight", "Tasks whose handler is run
 RESULTS_COLLECTED = Counter("liquidcrypto_wq_results_collected_total", "Distinct results returned by collect_results")
 DUPLICATE_RESULTS = Counter(
     "liquidcrypto_wq_duplicate_results_total", "Result messages dropped by consumer-side de-duplication"
+)
+RESULTS_TERMINATED = Counter(
+    "liquidcrypto_wq_results_terminated_total",
+    "Results subscribe_to_results could not even dead-letter: terminated, logged at error",
 )
 DEAD_LETTERS = Counter("liquidcrypto_wq_dead_letters_total", "Tasks moved to ORCHESTRATOR_DLQ")
 CONSUMER_REBINDS = Counter(

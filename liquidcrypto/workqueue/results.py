@@ -11,8 +11,10 @@ the README):
 - ``collect_results`` acknowledges — removes — the results only when it returns a
   complete set; a partial (timed-out) collection leaves them for the next call;
 - ``subscribe_to_results`` acknowledges each result after its handler returned; a result
-  its handler failed on ``HANDLER_ATTEMPTS`` times, or that cannot be read, is
-  dead-lettered (``ORCHESTRATOR_DLQ``, ``kind="result"``) before it is acknowledged.
+  its handler failed on ``HANDLER_ATTEMPTS`` times, that cannot be read, or whose body
+  names another session/sub-PRD than its subject, is dead-lettered (``ORCHESTRATOR_DLQ``,
+  ``kind="result"``) before it is acknowledged (terminated and logged at error if the
+  dead-letter stream refuses it); ``collect_results`` skips the last two kinds.
 
 Both de-duplicate: a result message seen twice (redelivery, a second run after a
 crash) is dropped by task id, and ``collect_results`` keeps one result per sub-PRD,
@@ -358,6 +360,9 @@ def _read(msg: Msg, seen: set[str] | OrderedDict[str, None]) -> TaskResult | Non
     except InvalidPayloadError as exc:
         log.warning("unreadable result on %s skipped: %s", msg.subject, exc)
         return None
+    if result.subject != msg.subject:
+        log.warning("result skipped: %s", _misplaced(result, msg.subject))
+        return None
     if isinstance(seen, OrderedDict):
         _remember(seen, rid)
     else:
@@ -365,15 +370,15 @@ def _read(msg: Msg, seen: set[str] | OrderedDict[str, None]) -> TaskResult | Non
     return result
 
 
+def _misplaced(result: TaskResult, subject: str) -> str:
+    return (f"result names session/sub-PRD {result.session_id}/{result.sub_prd_id} but was sent on {subject!r}; "
+            "not delivered")
+
+
 def _remember(seen: OrderedDict[str, None], rid: str) -> None:
     seen[rid] = None
     while len(seen) > 100_000:
         seen.popitem(last=False)
-
-
-def _raw_body(data: bytes) -> Any:
-    """A message body that is not a result, as text for a dead letter (at most 4 KiB)."""
-    return data[:4096].decode("utf-8", errors="replace")
 
 
 class ResultSubscription:
@@ -406,6 +411,7 @@ class ResultSubscription:
         Raises:
             ConsumerConflictError: another reader of the session stayed active.
         """
+        await infra.ensure(self.client)  # the dead-letter stream, for results its handler fails on
         await self._reader.open()
         return self
 
@@ -431,6 +437,11 @@ class ResultSubscription:
         except InvalidPayloadError as exc:
             log.warning("unreadable result on %s: %s", msg.subject, exc)
             await self._dead_letter(msg, rid, None, 1, f"unreadable result: {exc}")
+            return
+        if result.subject != msg.subject:  # the subject is the authority: never delivered as another's
+            error = _misplaced(result, msg.subject)
+            log.warning("result dead-lettered: %s", error)
+            await self._dead_letter(msg, rid, None, 1, error)
             return
         try:
             await self._run_handler(result)
@@ -460,19 +471,23 @@ class ResultSubscription:
         stored there, leave it for redelivery (never acknowledged and lost)."""
         headers = msg.headers or {}
         letter = DeadLetter(
-            kind="result",
-            task=result.to_wire() if result is not None else _raw_body(msg.data),
-            task_id=headers.get(hdr.TASK_ID) or rid,
-            subject=msg.subject,
-            attempts=attempts,
-            last_error=error,
+            kind="result", task=result.to_wire() if result is not None else dead_letters.raw_text(msg.data),
+            task_id=headers.get(hdr.TASK_ID) or rid, subject=msg.subject, attempts=attempts, last_error=error,
         )
         try:
             # One letter per stored result message, however often it is redelivered.
             await dead_letters.publish_dead_letter(
-                self.client, letter, msg_id=f"dlq.result.{msg.metadata.sequence.stream}"
+                self.client, letter, msg_id=f"dlq.result.{msg.metadata.sequence.stream}", raw=msg.data
             )
             await msg.ack_sync(timeout=REMOVE_TIMEOUT)
+        except dead_letters.POISON_ERRORS as exc:
+            metrics.RESULTS_TERMINATED.inc()
+            log.error("result %s on %r (%d bytes) cannot be dead-lettered (%s: %s); terminated, it will not be "
+                      "redelivered. It was given up because: %s",
+                      rid, msg.subject[:300], len(msg.data), type(exc).__name__, exc, error)
+            with contextlib.suppress(LiquidNatsError, nats.errors.Error, TimeoutError):
+                await msg.term()
+            return
         except (LiquidNatsError, nats.errors.Error, TimeoutError) as exc:
             log.error("could not dead-letter result %s of %s (%s); it will be redelivered", rid, self.session_id, exc)
             with contextlib.suppress(LiquidNatsError, nats.errors.Error, TimeoutError):

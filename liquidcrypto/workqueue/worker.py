@@ -4,19 +4,24 @@ Messages come from a ``PullConsumer`` (``liquidcrypto.nats.pull``) with ``capaci
 ``concurrency``: pull requests ask for exactly the free slots, so a busy worker never
 holds tasks another worker could run, each slot asks for the next task as soon as it
 finishes, running tasks get ``in_progress()`` every ``ack_wait/2``, and ``stop()`` hands
-unfinished tasks back. Per task (``_process``): decode it; if it is a redelivery whose
-result is stored already (an earlier run died before its ack), acknowledge it and stop;
-run the handler (a plain ``def`` one in the worker's own threads, so the loop keeps
-beating); if the task was stored more than half the de-duplication window ago, look for
-a result another run stored meanwhile; publish its result (``results.publish_result``,
+unfinished tasks back. Per task (``_process``): decode it; a task whose body names
+another session or sub-PRD than its subject is dead-lettered as invalid, never run (the
+subject is the authority); if it is a redelivery whose result is stored already (an
+earlier run died before its ack), acknowledge it and stop; run the handler (a plain
+``def`` one in the worker's own threads, so the loop keeps beating); if the task was
+stored more than half the de-duplication window ago, look for a result another run
+stored meanwhile; publish its result (``results.publish_result``,
 ``Nats-Msg-Id = result.{task_id}``, ``Nats-TTL = result_ttl``), then double-ack
 (``ack_sync``). A failed run is counted in the attempts bucket and ``nak``-ed with a
 back-off delay; after ``max_deliver`` failures the task gets a failure result and a dead
-letter (``dead_letters``), then is acknowledged. A permanent error of the consumer stops
-the worker visibly (``failure``, ``wait()``, ``health()``, ``liquidcrypto_wq_workers_failed``)."""
+letter (``dead_letters``), then is acknowledged; a task that cannot even be
+dead-lettered is terminated (logged at error, ``outcome="terminated"``). A permanent
+error of the consumer stops the worker visibly (``failure``, ``wait()``, ``health()``,
+``liquidcrypto_wq_workers_failed``)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,8 +35,14 @@ from nats.js.api import ConsumerInfo
 from nats.js.kv import KeyValue
 
 from liquidcrypto import codec
-from liquidcrypto.errors import InvalidPayloadError, InvalidTaskError, LiquidNatsError
+from liquidcrypto.errors import (
+    InvalidPayloadError,
+    InvalidSubjectError,
+    InvalidTaskError,
+    LiquidNatsError,
+)
 from liquidcrypto.nats import headers as hdr
+from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.pull import PullConsumer
 from liquidcrypto.nats.subscription import as_async, is_async_handler
@@ -242,10 +253,22 @@ class Worker:
         md = msg.metadata
         headers = msg.headers or {}
         task_id = headers.get(hdr.MSG_ID) or f"seq{md.sequence.stream}"
+        if len(task_id) > MAX_TASK_ID:
+            task_id = _task_id(task_id)
         try:
             task = decode_task(msg.data)
         except (InvalidPayloadError, InvalidTaskError, ValueError) as exc:
             await self._give_up(msg, None, task_id, 1, f"malformed task: {exc}", outcome="invalid")
+            return
+        if task.subject != msg.subject:
+            # The subject is the authority (permissions are per subject): a body naming
+            # another session or sub-PRD would put its result there.
+            await self._give_up(
+                msg, None, task_id, 1,
+                f"task names session/sub-PRD {task.session_id}/{task.sub_prd_id} but was sent on "
+                f"{msg.subject!r}; not run",
+                outcome="invalid",
+            )
             return
         o = self.options
         if o.specialist is not None and task.specialist != o.specialist:
@@ -281,7 +304,12 @@ class Worker:
             return
         # The result is stored (under its own de-duplication id) before the task is
         # acknowledged: a worker dying in between leaves a task whose re-run stores nothing new.
-        if not await results.publish_result(self.client, result, task_id, ttl=self._result_ttl):
+        try:
+            stored = await results.publish_result(self.client, result, task_id, ttl=self._result_ttl)
+        except POISON_ERRORS as exc:  # too large, not JSON-able: no retry would store it
+            await self._give_up(msg, task, task_id, 1, f"its result cannot be stored: {exc}", outcome="invalid")
+            return
+        if not stored:
             await msg.nak(delay=o.backoff[0])
             return
         try:
@@ -363,26 +391,92 @@ class Worker:
         *,
         outcome: str = "failure",
     ) -> None:
-        """Failure result + dead letter, then acknowledge; on any error leave it for redelivery."""
-        tokens = msg.subject.split(".")
+        """Failure result + dead letter, then acknowledge.
+
+        ``task`` is ``None`` for a task that is malformed or names another session than
+        its subject: the failure result goes to the session and sub-PRD of the subject
+        (none if its tokens are not valid ids), the dead letter holds the body as received.
+        NATS unavailable: left for redelivery. A task that cannot be dead-lettered at all
+        (the dead-letter stream refuses it) is terminated, logged at error and counted.
+        """
+        error = error if len(error) <= MAX_ERROR else f"{error[:MAX_ERROR]}... ({len(error):,} characters)"
         raw_task: Any = task.to_wire() if task is not None else _raw_body(msg.data)
         try:
-            if task is not None or len(tokens) == 4:
-                sid, pid = (task.session_id, task.sub_prd_id) if task is not None else (tokens[2], tokens[3])
-                failure = TaskResult(session_id=sid, sub_prd_id=pid, success=False, error=error)
-                if not await results.publish_result(self.client, failure, task_id, ttl=self._result_ttl):
-                    await msg.nak(delay=self.options.backoff[0])
-                    return
+            if not await self._publish_failure(msg, task, task_id, error):
+                await msg.nak(delay=self.options.backoff[0])
+                return
             letter = DeadLetter(
                 task=raw_task, task_id=task_id, subject=msg.subject, attempts=attempts, last_error=error
             )
-            await dead_letters.publish_dead_letter(self.client, letter)
+            try:
+                await dead_letters.publish_dead_letter(self.client, letter, raw=msg.data)
+            except POISON_ERRORS as exc:
+                await self._terminate(msg, task_id, f"{type(exc).__name__}: {exc}", error)
+                return
             await msg.ack_sync(timeout=5.0)
         except (LiquidNatsError, ValueError, nats.errors.Error, TimeoutError) as exc:
             log.error("could not dead-letter task %s (%s); it will be redelivered", task_id, exc)
             return
         self.processed += 1
         metrics.TASKS_DONE.labels(outcome=outcome).inc()
+
+    async def _publish_failure(self, msg: Msg, task: OrchestratorTask | None, task_id: str, error: str) -> bool:
+        """Store the failure result of a task given up on; False if NATS is unavailable.
+
+        A result that cannot be stored at all (its task id makes its headers too large) is
+        skipped with a warning: the dead letter still records the task."""
+        ids = (task.session_id, task.sub_prd_id) if task is not None else _subject_ids(msg.subject)
+        if ids is None:
+            log.info("task %s on %r: no failure result (the subject names no valid session/sub-PRD)",
+                     task_id, msg.subject[:300])
+            return True
+        failure = TaskResult(session_id=ids[0], sub_prd_id=ids[1], success=False, error=error)
+        try:
+            return await results.publish_result(self.client, failure, task_id, ttl=self._result_ttl)
+        except POISON_ERRORS as exc:
+            log.warning("task %s: its failure result cannot be stored (%s); dead-lettering it without one",
+                        task_id, exc)
+            return True
+
+    async def _terminate(self, msg: Msg, task_id: str, reason: str, error: str) -> None:
+        """The last resort for a task that cannot even be dead-lettered: never redelivered
+        again, never dropped silently."""
+        metrics.TASKS_DONE.labels(outcome="terminated").inc()
+        log.error(
+            "task %s on %r (%d bytes) cannot be dead-lettered (%s); terminated, it will not be redelivered. "
+            "It was given up because: %s",
+            task_id, msg.subject[:300], len(msg.data), reason, error,
+        )
+        try:
+            await msg.term()
+        except Exception as exc:  # noqa: BLE001 - redelivered after ack_wait: terminated again
+            log.warning("term of task %s failed (%s); it will be redelivered", task_id, exc)
+
+
+MAX_ERROR = 4096
+"""Characters of an error kept in a failure result and dead letter."""
+MAX_TASK_ID = 1024
+"""A longer ``Nats-Msg-Id`` is replaced by ``sha256-{hex}`` as the worker's task id: it is
+repeated in the headers of the result and dead letter, which the server bounds (64 KiB)."""
+POISON_ERRORS = dead_letters.POISON_ERRORS
+
+
+def _subject_ids(subject: str) -> tuple[str, str] | None:
+    """``(session_id, sub_prd_id)`` of ``orchestrator.tasks.{session_id}.{sub_prd_id}``, or
+    ``None`` if the subject has another shape or its tokens are not valid ids."""
+    parts = subject.split(".")
+    if len(parts) != 4 or f"{parts[0]}.{parts[1]}" != subjects.ORCHESTRATOR_TASKS:
+        return None
+    try:
+        return subjects.token(parts[2], "session_id"), subjects.token(parts[3], "sub_prd_id")
+    except InvalidSubjectError:
+        return None
+
+
+def _task_id(msg_id: str) -> str:
+    if len(msg_id) <= MAX_TASK_ID:
+        return msg_id
+    return "sha256-" + hashlib.sha256(msg_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _describe(exc: BaseException | None) -> str | None:
@@ -393,4 +487,4 @@ def _raw_body(data: bytes) -> Any:
     try:
         return codec.decode(data)
     except InvalidPayloadError:
-        return data[:4096].decode("utf-8", errors="replace")
+        return dead_letters.raw_text(data)

@@ -1,9 +1,8 @@
 """One small test per bug the fuzz suite found or issue 10 names, each on a real nats-server.
 
-Every test here fails on today's code and is marked ``xfail(strict=True)``: when the fix
-lands it passes, the strict mark turns that into a failure, and the mark (and the input
-exclusion in ``known_bugs``/``strategies``) is removed. The untrusted party is a raw
-nats-py connection, as in the properties.
+Each test failed on the code of its day, marked ``xfail(strict=True)`` until the fix
+landed (see ``known_bugs``); all pass now and guard against the bug coming back. The
+untrusted party is a raw nats-py connection, as in the properties.
 """
 
 from __future__ import annotations
@@ -150,7 +149,6 @@ MALFORMED_TASKS = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 fuzz finding C: undead-letterable malformed task redelivered for ever")
 async def test_every_malformed_task_is_dead_lettered_and_acknowledged(
     client: NatsClient, attacker: Nats, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -170,7 +168,6 @@ async def test_every_malformed_task_is_dead_lettered_and_acknowledged(
 # -- finding D: the result goes to the session named in the task's body ----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 fuzz finding D: result subject taken from the body, not the subject")
 async def test_a_task_cannot_publish_a_result_into_another_session(client: NatsClient, attacker: Nats) -> None:
     async with WorkQueue(client) as wq:
         await wq.start_orchestrator_worker(lambda t: {"success": True})
@@ -228,7 +225,6 @@ def dead_letter_size(body: bytes, task_id: str, subject: str) -> int:
     return len(codec.encode(letter.to_dict(exclude={"id"})))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 fuzz finding F: a near-max_payload malformed task closes the worker")
 async def test_a_near_max_payload_malformed_task_is_dead_lettered_and_the_worker_stays_connected(
     client: NatsClient, attacker: Nats
 ) -> None:

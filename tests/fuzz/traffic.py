@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from liquidcrypto.workqueue.dead_letters import dlq_subject_for, result_dlq_subject_for
+
 Via = Literal["core", "js"]
 
 
@@ -127,8 +129,9 @@ def classify(seen: Iterable[Seen], expect: Expectations) -> list[str]:
     A result ``orchestrator.results.S.P`` is the worker's when a task was published on
     ``orchestrator.tasks.S.P``; a dead letter ``orchestrator.dlq.T`` when a task was
     published on ``orchestrator.tasks.T``; a result dead letter ``orchestrator.dlq.results.S.P``
-    when the attacker published a result on ``orchestrator.results.S.P``. Per subject, the attacker's own messages are
-    matched first.
+    when the attacker published a result on ``orchestrator.results.S.P`` (tokens the package
+    refuses hashed in the dead letter's subject, as ``dead_letters.dlq_subject_for`` documents).
+    Per subject, the attacker's own messages are matched first.
     """
     left = Counter(expect.attacker)
     out: list[str] = []
@@ -145,9 +148,11 @@ def classify(seen: Iterable[Seen], expect: Expectations) -> list[str]:
             continue
         if s.startswith(RESULTS_PREFIX) and TASKS_PREFIX + s[len(RESULTS_PREFIX) :] in expect.task_subjects:
             continue
-        if s.startswith(DLQ_PREFIX) and TASKS_PREFIX + s[len(DLQ_PREFIX) :] in expect.task_subjects:
+        if s.startswith(DLQ_PREFIX) and s in {dlq_subject_for(t) for t in expect.task_subjects}:
             continue
-        if s.startswith(DLQ_RESULTS_PREFIX) and RESULTS_PREFIX + s[len(DLQ_RESULTS_PREFIX) :] in expect.attacker:
+        if s.startswith(DLQ_RESULTS_PREFIX) and s in {
+            result_dlq_subject_for(r) for r in expect.attacker if r.startswith(RESULTS_PREFIX)
+        }:
             continue  # an unreadable result the attacker published, dead-lettered by the result reader
         out.append(f"unexpected publish on {s!r} ({msg.size} bytes, reply {msg.reply!r})")
     return out
