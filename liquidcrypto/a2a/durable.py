@@ -23,9 +23,11 @@ after reconnects, a clean stop).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,14 +35,17 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
+from nats.js.kv import KeyValue
 
 from liquidcrypto.a2a import envelope as env_mod
 from liquidcrypto.a2a import metrics
 from liquidcrypto.a2a.envelope import Envelope
+from liquidcrypto.a2a.kv import open_bucket
 from liquidcrypto.a2a.replies import run_handler
 from liquidcrypto.errors import InvalidPayloadError, NatsUnavailableError
 from liquidcrypto.nats import streams
 from liquidcrypto.nats.client import NatsClient
+from liquidcrypto.nats.failures import Retries
 from liquidcrypto.nats.pull import PullConsumer
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,7 @@ DEFAULT_MAX_DELIVER = 5
 DEFAULT_BATCH = 32
 STOP_TIMEOUT = 5.0
 _RETRY_CAP = 5.0
+_KEY_TOKEN = re.compile(r"^[-_=a-zA-Z0-9]+$")
 
 
 def nak_delay(attempt: int) -> float:
@@ -85,6 +91,11 @@ class DurableSubscription:
         self.handled = 0
         self.since = datetime.now(UTC)
         self._stopping = asyncio.Event()  # cuts a retry's wait short
+        self._marks: KeyValue | None = None  # A2A_HANDLED, bound at every bind
+        self._mark_prefix = mark_prefix(durable)
+        # Stream sequences up to here may have been handled before (see _process).
+        self._horizon = 0
+        self._check_all = False
         # One handler at a time keeps the stream's order; a quarter of ack_wait between
         # heartbeats marks a running message well before its ack_wait runs out, whatever
         # the phase of the beat relative to the handler's start.
@@ -92,7 +103,7 @@ class DurableSubscription:
             client,
             streams.A2A_TASKS,
             self._process,
-            self.ensure_consumer,
+            self._bind,
             capacity=batch,
             concurrency=1,
             ack_wait=ack_wait,
@@ -153,6 +164,28 @@ class DurableSubscription:
         """
         await self._pull.start()
 
+    async def _bind(self) -> ConsumerInfo:
+        """The ``PullConsumer``'s bind (at start and after every reconnection): the
+        consumer, the handled-marks bucket, and the horizon of messages to check."""
+        info = await self.ensure_consumer()
+        self._marks = await open_bucket(self.client, streams.A2A_HANDLED)
+        try:
+            stream = await self.client.js.stream_info(streams.A2A_TASKS)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            # Without the horizon every delivery is checked: slower, never twice.
+            if not self._check_all:
+                log.warning("durable %s: cannot read the A2A_TASKS stream (%s); checking every task", self.durable, exc)
+            self._check_all = True
+        else:
+            # A server that crashed may deliver again, as if for the first time, what it
+            # had delivered before: everything stored before this bind is checked.
+            self._horizon = max(self._horizon, stream.state.last_seq or 0)
+            self._check_all = False
+        return info
+
+    def _mark_key(self, msg: Msg) -> str:
+        return f"{self._mark_prefix}.{msg.metadata.sequence.stream}"
+
     async def _process(self, msg: Msg) -> None:
         try:
             envelope = env_mod.decode(msg.data, msg.subject, msg.headers)
@@ -161,9 +194,28 @@ class DurableSubscription:
             log.warning("durable %s: terminating bad message on %s: %s", self.durable, msg.subject, exc)
             await _quietly(msg.term(), "term")
             return
-        attempt = msg.metadata.num_delivered or 1
+        md = msg.metadata
+        attempt = md.num_delivered or 1
         if attempt > 1:
             metrics.REDELIVERIES.inc()
+        seq = md.sequence.stream
+        # Only a message that may have been handled before pays for the look-up: one
+        # delivered again, or one stored before the last (re)connection or at or before
+        # the last message this subscription saw (a server that lost its consumer's
+        # state delivers those again as first deliveries).
+        if attempt > 1 or self._check_all or seq <= self._horizon:
+            try:
+                done = await self._retrying(lambda: self._handled_before(msg, envelope), "look up", envelope)
+            except _Stopped:
+                return  # left unacknowledged: redelivered to whoever comes next
+            if done:
+                metrics.ALREADY_HANDLED.inc()
+                log.info(
+                    "durable %s: task %.80r (%s) was handled already; acknowledged", self.durable, envelope.id, seq
+                )
+                await self._ack(msg, envelope)
+                return
+        self._horizon = max(self._horizon, seq)
         while not await self._attempt(msg, envelope, attempt):
             if attempt >= self.max_deliver:
                 metrics.GAVE_UP.inc()
@@ -187,7 +239,19 @@ class DurableSubscription:
             return
         metrics.RECEIVED_COUNTS["durable"] += 1
         self.handled += 1
-        await _quietly(msg.ack(), "ack")
+        # The mark is stored before the ack: a redelivery (an ack lost with a crashed
+        # server, or a process that died before its ack) finds it and is not run again.
+        try:
+            await self._retrying(lambda: self._mark(msg, envelope), "mark as handled", envelope)
+        except _Stopped:
+            log.warning(
+                "durable %s: task %.80r (%s) was handled but its mark could not be stored before stop(); "
+                "if the ack is lost too, it runs again",
+                self.durable,
+                envelope.id,
+                seq,
+            )
+        await self._ack(msg, envelope)
 
     async def _attempt(self, msg: Msg, envelope: Envelope, attempt: int) -> bool:
         """Run the handler once; whether it returned (a failure is logged and counted)."""
@@ -209,6 +273,64 @@ class DurableSubscription:
             metrics.HANDLER_SECONDS.observe(time.perf_counter() - started)
         return True
 
+    async def _handled_before(self, msg: Msg, envelope: Envelope) -> bool:
+        """Whether this message's mark is in ``A2A_HANDLED`` (a value naming another task
+        id is a stream that was recreated since: not this message)."""
+        assert self._marks is not None
+        try:
+            entry = await self._marks.get(self._mark_key(msg))
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        return entry.value == _mark_value(envelope)
+
+    async def _mark(self, msg: Msg, envelope: Envelope) -> bool:
+        assert self._marks is not None
+        await self._marks.put(self._mark_key(msg), _mark_value(envelope))
+        return True
+
+    async def _retrying(self, op: Callable[[], Awaitable[bool]], what: str, envelope: Envelope) -> bool:
+        """``op()`` until it answers (the message kept meanwhile, later ones waiting).
+
+        NATS unreachable, a server restarting, JetStream not answering yet: retried with
+        back-off, logged at error level while it lasts (``Retries``).
+
+        Raises:
+            _Stopped: ``stop()`` was called before it answered.
+        """
+        retries = Retries(f"durable {self.durable}: {what} task {envelope.id[:80]!r}", _never_permanent)
+        while True:
+            if self._marks is None:
+                exc: BaseException = NatsUnavailableError("the A2A_HANDLED bucket is not bound yet")
+            else:
+                try:
+                    result = await op()
+                except _TRANSIENT as caught:
+                    exc = caught
+                else:
+                    retries.succeeded()
+                    return result
+            delay = retries.failed(exc) or _RETRY_CAP
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except TimeoutError:
+                continue
+            raise _Stopped
+
+    async def _ack(self, msg: Msg, envelope: Envelope) -> None:
+        """A plain ack, not a double ack (``ack_sync``): a server that restarted and lost
+        the delivery never answers a double ack (each message held across the crash
+        would wait out the timeout), and nothing depends on the answer: a message whose
+        ack is lost comes again and its mark makes that harmless."""
+        try:
+            await msg.ack()
+        except (nats.errors.Error, nats.js.errors.Error, NatsUnavailableError) as exc:
+            log.info(
+                "durable %s: ack of task %.80r failed (%r); a redelivery is acknowledged without running",
+                self.durable,
+                envelope.id,
+                exc,
+            )
+
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop after the message in hand (cancelled and handed back after ``timeout``);
         messages fetched and not yet handled are handed back; the consumer stays."""
@@ -218,6 +340,29 @@ class DurableSubscription:
     async def unsubscribe(self) -> None:
         """Same as ``stop()`` (the name the core subscriptions use)."""
         await self.stop()
+
+
+class _Stopped(Exception):
+    """``stop()`` was called while a look-up or a mark was being retried."""
+
+
+_TRANSIENT = (nats.errors.Error, nats.js.errors.Error, NatsUnavailableError, TimeoutError)
+
+
+def _never_permanent(exc: BaseException) -> bool:
+    return False
+
+
+def _mark_value(envelope: Envelope) -> bytes:
+    return envelope.id.encode()
+
+
+def mark_prefix(durable: str) -> str:
+    """The key prefix of a durable's marks in ``A2A_HANDLED``: the name itself when it is a
+    valid key token (so permissions can scope ``$KV.A2A_HANDLED.{durable}.>``), else a digest."""
+    if _KEY_TOKEN.match(durable):
+        return durable
+    return "h-" + hashlib.sha256(durable.encode()).hexdigest()[:32]
 
 
 async def _quietly(coro: Any, what: str) -> None:
