@@ -7,7 +7,24 @@ using the same name share the consumer: each message goes to one of them (the qu
 group of the durable world).
 
 Per message: decode the envelope (a bad one is logged and *terminated*, so it is never
-redelivered), run the handler, then ``ack``. A handler that raises is retried *in place*
+redelivered); if it may have been handled before, look up its mark and, if found, ``ack``
+it without running the handler; run the handler; store its mark; then ``ack``.
+
+Once in effect: the mark (key ``{durable}.{stream sequence}`` in the ``A2A_HANDLED``
+bucket, value the task id, kept as long as the stream keeps tasks) is stored, and
+confirmed by JetStream, before the ack is sent, so a delivery that repeats a handled task
+finds it: an ack lost with a crashed server or a dropped connection, a process that died
+between the mark and the ack. Looked up are redeliveries (``num_delivered > 1``) and
+messages at or below the *horizon*: the stream's last sequence when the subscription last
+bound (at start and after every reconnection) and the highest sequence it handled. The
+horizon is needed because a nats-server that is killed loses what it had not written of
+its consumers' state and delivers those messages again with ``num_delivered`` 1. A first
+delivery above the horizon (the steady state) is not looked up. A failing mark or look-up
+(NATS down, JetStream not answering yet) is retried until it answers or ``stop()``, the
+message kept and the later ones waiting. The ack is a plain one: a double ack to a server
+that restarted and lost the delivery is never answered, and a lost ack is harmless here.
+
+A handler that raises is retried *in place*
 after a growing delay (``nak_delay``), up to ``max_deliver`` attempts in all, after which
 the message is terminated and counted. The message is kept (``in_progress()``) meanwhile
 and the messages behind it wait: a subscriber handles its messages in stream order, a
@@ -299,22 +316,38 @@ class DurableSubscription:
         """
         retries = Retries(f"durable {self.durable}: {what} task {envelope.id[:80]!r}", _never_permanent)
         while True:
-            if self._marks is None:
-                exc: BaseException = NatsUnavailableError("the A2A_HANDLED bucket is not bound yet")
+            try:
+                result = await self._unless_stopping(op())
+            except _TRANSIENT as exc:
+                delay = retries.failed(exc) or _RETRY_CAP
             else:
-                try:
-                    result = await op()
-                except _TRANSIENT as caught:
-                    exc = caught
-                else:
-                    retries.succeeded()
-                    return result
-            delay = retries.failed(exc) or _RETRY_CAP
+                retries.succeeded()
+                return result
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             except TimeoutError:
                 continue
             raise _Stopped
+
+    async def _unless_stopping(self, coro: Awaitable[bool]) -> bool:
+        """``await coro``, cut short by ``stop()`` (an attempt with NATS down waits out
+        the JetStream timeout otherwise).
+
+        Raises:
+            _Stopped: ``stop()`` was called first.
+        """
+        attempt = asyncio.ensure_future(coro)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((attempt, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not attempt.done():
+                attempt.cancel()
+                await asyncio.gather(attempt, return_exceptions=True)
+        if attempt.cancelled():
+            raise _Stopped
+        return attempt.result()
 
     async def _ack(self, msg: Msg, envelope: Envelope) -> None:
         """A plain ack, not a double ack (``ack_sync``): a server that restarted and lost
