@@ -71,6 +71,9 @@ DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_DELIVER = 5
 DEFAULT_BATCH = 32
 STOP_TIMEOUT = 5.0
+STOP_GRACE = 2.0
+"""Seconds a stopping subscription still waits for a mark or a look-up under way while
+NATS is connected."""
 _RETRY_CAP = 5.0
 _KEY_TOKEN = re.compile(r"^[-_=a-zA-Z0-9]+$")
 
@@ -217,10 +220,12 @@ class DurableSubscription:
             metrics.REDELIVERIES.inc()
         seq = md.sequence.stream
         # Only a message that may have been handled before pays for the look-up: one
-        # delivered again, or one stored before the last (re)connection or at or before
-        # the last message this subscription saw (a server that lost its consumer's
+        # delivered again, or one stored before the last (re)connection or at or below
+        # the highest this subscription handled (a server that lost its consumer's
         # state delivers those again as first deliveries).
-        if attempt > 1 or self._check_all or seq <= self._horizon:
+        maybe_repeat = attempt > 1 or self._check_all or seq <= self._horizon
+        self._horizon = max(self._horizon, seq)
+        if maybe_repeat:
             try:
                 done = await self._retrying(lambda: self._handled_before(msg, envelope), "look up", envelope)
             except _Stopped:
@@ -232,7 +237,6 @@ class DurableSubscription:
                 )
                 await self._ack(msg, envelope)
                 return
-        self._horizon = max(self._horizon, seq)
         while not await self._attempt(msg, envelope, attempt):
             if attempt >= self.max_deliver:
                 metrics.GAVE_UP.inc()
@@ -260,7 +264,7 @@ class DurableSubscription:
         # server, or a process that died before its ack) finds it and is not run again.
         try:
             await self._retrying(lambda: self._mark(msg, envelope), "mark as handled", envelope)
-        except _Stopped:
+        except (_Stopped, asyncio.CancelledError) as exc:
             log.warning(
                 "durable %s: task %.80r (%s) was handled but its mark could not be stored before stop(); "
                 "if the ack is lost too, it runs again",
@@ -268,6 +272,10 @@ class DurableSubscription:
                 envelope.id,
                 seq,
             )
+            if isinstance(exc, asyncio.CancelledError):
+                # stop() ran out of time: ack it rather than let it be handed back (nak) and run again.
+                await self._ack(msg, envelope)
+                raise
         await self._ack(msg, envelope)
 
     async def _attempt(self, msg: Msg, envelope: Envelope, attempt: int) -> bool:
@@ -330,16 +338,19 @@ class DurableSubscription:
             raise _Stopped
 
     async def _unless_stopping(self, coro: Awaitable[bool]) -> bool:
-        """``await coro``, cut short by ``stop()`` (an attempt with NATS down waits out
-        the JetStream timeout otherwise).
+        """``await coro``, cut short by ``stop()`` when NATS is not connected (an attempt
+        then waits out the JetStream timeout); while connected, a stopping subscription
+        still gives it ``STOP_GRACE`` seconds.
 
         Raises:
-            _Stopped: ``stop()`` was called first.
+            _Stopped: ``stop()`` was called and the attempt did not answer in time.
         """
         attempt = asyncio.ensure_future(coro)
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait((attempt, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not attempt.done() and self.client.is_connected:
+                await asyncio.wait((attempt,), timeout=STOP_GRACE)
         finally:
             stopping.cancel()
             if not attempt.done():

@@ -179,6 +179,31 @@ async def test_stop_while_nats_is_down_after_the_handler_returned_ends_within_it
     assert time.monotonic() - started < 4
 
 
+async def test_a_handler_that_returns_during_stop_still_gets_its_mark(
+    bus: A2ABus, client: NatsClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``stop()`` waits for the running handler; NATS being there, the task is marked
+    (and acked) after it returns, so a later repeat of it would not run."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(task: Envelope) -> None:
+        started.set()
+        await release.wait()
+
+    sub = await bus.subscribe_to_tasks("stopping.tasks.*", slow, durable="stopping")
+    assert isinstance(sub, DurableSubscription)
+    await bus.publish_task("stopping", "job", {"id": "stopping-1", "payload": 1})
+    await asyncio.wait_for(started.wait(), 10)
+    stopping = asyncio.create_task(sub.stop(timeout=5))
+    await eventually(lambda: sub.closed, what="stop() under way")
+    release.set()
+    await stopping
+    marks = await client.js.key_value(streams.A2A_HANDLED)
+    assert [k for k in await marks.keys() if k.startswith("stopping.")], "no mark stored"
+    assert "could not be stored" not in caplog.text
+    await eventually(lambda: _settled(client, "stopping"), what="acknowledged")
+
+
 def test_mark_keys_are_scoped_by_the_durable_name() -> None:
     assert mark_prefix("trading-agent") == "trading-agent"
     odd = mark_prefix("agent:7")  # a valid durable name but not a key token
