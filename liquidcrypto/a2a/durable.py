@@ -317,15 +317,22 @@ class DurableSubscription:
         """``op()`` until it answers (the message kept meanwhile, later ones waiting).
 
         NATS unreachable, a server restarting, JetStream not answering yet: retried with
-        back-off, logged at error level while it lasts (``Retries``).
+        back-off, logged at error level while it lasts (``Retries``). A retry binds the
+        bucket again first (and so re-creates it if it was deleted).
 
         Raises:
             _Stopped: ``stop()`` was called before it answered.
         """
         retries = Retries(f"durable {self.durable}: {what} task {envelope.id[:80]!r}", _never_permanent)
+
+        async def attempt() -> bool:
+            if retries.count or self._marks is None:
+                self._marks = await open_bucket(self.client, streams.A2A_HANDLED)
+            return await op()
+
         while True:
             try:
-                result = await self._unless_stopping(op())
+                result = await self._unless_stopping(attempt())
             except _TRANSIENT as exc:
                 delay = retries.failed(exc) or _RETRY_CAP
             else:

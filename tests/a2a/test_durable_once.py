@@ -204,6 +204,23 @@ async def test_a_handler_that_returns_during_stop_still_gets_its_mark(
     await eventually(lambda: _settled(client, "stopping"), what="acknowledged")
 
 
+async def test_a_deleted_marks_bucket_is_created_again(bus: A2ABus, client: NatsClient) -> None:
+    """Someone deletes ``A2A_HANDLED`` under a running subscription: the next mark fails,
+    is retried with the bucket bound (so created) again, and the subscription goes on."""
+    got: list[str] = []
+    await bus.subscribe_to_tasks("gone.tasks.*", lambda t: got.append(t.id), durable="gone")
+    await bus.publish_task("gone", "job", {"id": "gone-1", "payload": 1})
+    await eventually(lambda: got == ["gone-1"], what="the first task")
+    await eventually(lambda: _settled(client, "gone"), what="the first acknowledged")
+    assert await client.js.delete_key_value(streams.A2A_HANDLED)
+    await bus.publish_task("gone", "job", {"id": "gone-2", "payload": 2})
+    await eventually(lambda: _settled(client, "gone"), timeout=15, what="the second acknowledged")
+    assert got == ["gone-1", "gone-2"]
+    marks = await client.js.key_value(streams.A2A_HANDLED)
+    values = [(await marks.get(k)).value for k in await marks.keys()]
+    assert values == [b"gone-2"]
+
+
 def test_mark_keys_are_scoped_by_the_durable_name() -> None:
     assert mark_prefix("trading-agent") == "trading-agent"
     odd = mark_prefix("agent:7")  # a valid durable name but not a key token
