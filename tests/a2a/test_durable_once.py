@@ -56,7 +56,7 @@ async def test_a_server_sigkill_mid_stream_runs_every_durable_task_once_in_order
 ) -> None:
     """nats-server is SIGKILLed from inside the 100th handler and restarted on the same
     port and storage. At that moment the acks of the tasks just handled are in flight or
-    not yet written (the server writes its consumers' state about ten times a second),
+    not yet written (the server writes its consumers' state in the background),
     and the subscription holds a batch of fetched tasks. After the restart the server
     delivers again what it lost track of: the tasks it still counts as pending (after
     ``ack_wait``, ``num_delivered`` 2) and those whose delivery it forgot (as first
