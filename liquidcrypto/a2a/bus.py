@@ -340,9 +340,11 @@ class A2ABus:
             queue: with ``durable=None``, a core queue group: each task reaches one member.
             durable: a durable JetStream consumer of this name: tasks published while no
                 subscriber runs are delivered when one comes back (within the stream's
-                hour), acked after the handler returns, retried in place if it raises
-                (up to ``max_deliver`` attempts, later tasks waiting: each subscriber
-                handles its tasks in stream order), redelivered if the process dies.
+                hour), marked handled (``A2A_HANDLED``) and acked after the handler
+                returns, retried in place if it raises (up to ``max_deliver`` attempts,
+                later tasks waiting: each subscriber handles its tasks in stream order),
+                redelivered if the process dies. A repeat delivery of a handled task
+                (an ack lost in a crash) is acked without running: once in effect.
                 Every process using the same name shares the consumer (a durable queue
                 group, so ``queue`` adds nothing here; order then holds per process).
             batch: durable only: messages fetched per request while busy.

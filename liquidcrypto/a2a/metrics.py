@@ -43,6 +43,10 @@ SKIPPED = Counter(
     ["mode"],
 )
 REDELIVERIES = Counter("liquidcrypto_a2a_redeliveries_total", "Durable A2A messages delivered more than once")
+ALREADY_HANDLED = Counter(
+    "liquidcrypto_a2a_already_handled_total",
+    "Durable A2A messages delivered again after they were handled: acknowledged without running the handler",
+)
 GAVE_UP = Counter("liquidcrypto_a2a_gave_up_total", "Durable A2A messages terminated after max_deliver failed attempts")
 HANDLER_SECONDS = Histogram("liquidcrypto_a2a_durable_handler_seconds", "Time in a durable A2A handler per message")
 REPLIES_REFUSED = Counter(

@@ -10,7 +10,8 @@ Streams (the spec's three, then the work queue's dead letters):
 | ``ORCHESTRATOR_DLQ``   | ``orchestrator.dlq.>``                               | limits, max age 14 days |
 
 Key-value buckets: ``ORCHESTRATOR_ATTEMPTS`` (failed runs per work-queue task),
-``A2A_TASK_STATES`` (per-task state histories), ``A2A_AGENTS`` (agent cards). Consumer
+``A2A_TASK_STATES`` (per-task state histories), ``A2A_AGENTS`` (agent cards),
+``A2A_HANDLED`` (the durable A2A tasks handled, per durable name and stream sequence). Consumer
 template: ``orchestrator-workers``, the work queue's shared durable consumer
 (``worker_consumer(ack_wait)``).
 
@@ -68,6 +69,7 @@ ORCHESTRATOR_DLQ = "ORCHESTRATOR_DLQ"
 ORCHESTRATOR_ATTEMPTS = "ORCHESTRATOR_ATTEMPTS"
 A2A_TASK_STATES = "A2A_TASK_STATES"
 A2A_AGENTS = "A2A_AGENTS"
+A2A_HANDLED = "A2A_HANDLED"
 
 WORKER_CONSUMER = "orchestrator-workers"
 
@@ -161,6 +163,19 @@ A2A_AGENTS_BUCKET = KeyValueConfig(
     replicas=1,
 )
 
+A2A_HANDLED_BUCKET = KeyValueConfig(
+    bucket=A2A_HANDLED,
+    description="Durable A2A tasks handled: key {durable}.{stream sequence}, value the task id",
+    history=1,
+    # As long as A2A_TASKS keeps a task: no redelivery can come later than that.
+    ttl=A2A_MAX_AGE,
+    # Look-ups answered by the stream leader: a direct get may be served by a replica
+    # that has not seen the newest mark yet.
+    direct=False,
+    storage=StorageType.FILE,
+    replicas=1,
+)
+
 # -- consumer templates ----------------------------------------------------------------
 
 
@@ -216,7 +231,7 @@ WORK_QUEUE_RESOURCES = Resources(
 )
 """What the work queue needs beyond ``ORCHESTRATOR_TASKS`` (a spec stream)."""
 
-A2A_RESOURCES = Resources(name="a2a", buckets=(A2A_TASK_STATES_BUCKET, A2A_AGENTS_BUCKET))
+A2A_RESOURCES = Resources(name="a2a", buckets=(A2A_TASK_STATES_BUCKET, A2A_AGENTS_BUCKET, A2A_HANDLED_BUCKET))
 """What the A2A bus needs beyond ``A2A_TASKS`` (a spec stream)."""
 
 STREAM_NAMES = SPEC_STREAMS.stream_names

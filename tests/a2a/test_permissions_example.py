@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from liquidcrypto import A2ABus, Envelope
 from liquidcrypto.config import Settings
@@ -77,6 +78,25 @@ async def test_agent_a_publishes_its_own_subjects_and_nothing_under_agent_b(secu
         assert await service_bus.request_agent("a", "ping", 1, timeout=5) == "pong"
         await eventually(lambda: durable_got == [1] and core_got == [1], what="durable and core delivery")
         assert agent.is_connected
+
+        # The durable's handled marks: under its own name only (issue 12, item 2).
+        marks = await service.js.key_value(streams.A2A_HANDLED)
+
+        async def marked() -> list[str]:
+            try:
+                return [k for k in await marks.keys() if k.startswith("a.")]
+            except NoKeysError:
+                return []
+
+        await eventually(marked, what="agent a's handled mark")
+        await agent.nc.publish("$KV.A2A_HANDLED.b.1", b"forged")
+        await eventually(
+            # nats-py lower-cases the server's error text
+            lambda: "$kv.a2a_handled.b.1" in (agent.last_error or "").lower(),
+            what="a forged mark refused by the server",
+        )
+        with pytest.raises(KeyNotFoundError):
+            await marks.get("b.1")
     finally:
         await agent_bus.close()
         await service_bus.close()

@@ -24,7 +24,11 @@ def test_every_resource_is_declared_once_in_one_group() -> None:
     names = [n for g in GROUPS for n in g.stream_names] + [b.bucket for g in GROUPS for b in g.buckets]
     assert len(names) == len(set(names))
     assert streams.ORCHESTRATOR_DLQ in streams.WORK_QUEUE_RESOURCES.stream_names
-    assert {b.bucket for b in streams.A2A_RESOURCES.buckets} == {streams.A2A_TASK_STATES, streams.A2A_AGENTS}
+    assert {b.bucket for b in streams.A2A_RESOURCES.buckets} == {
+        streams.A2A_TASK_STATES,
+        streams.A2A_AGENTS,
+        streams.A2A_HANDLED,
+    }
 
 
 def test_deployed_applies_replicas_and_the_work_queue_window() -> None:
