@@ -47,6 +47,7 @@ from liquidcrypto.errors import (
     InvalidPayloadError,
     LiquidNatsError,
     NatsUnavailableError,
+    PublishOutcomeUnknownError,
 )
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import streams, subjects
@@ -573,8 +574,12 @@ class A2ABus:
 
 
 def _with_id(exc: NatsUnavailableError, msg_id: str) -> NatsUnavailableError:
-    """``exc`` naming the envelope id a retry must reuse to be de-duplicated."""
-    return NatsUnavailableError(f"{exc} (envelope id {msg_id!r}: retry with id={msg_id!r} to store it at most once)")
+    """``exc`` naming the envelope id a retry must reuse to be de-duplicated; an unknown
+    outcome stays a ``PublishOutcomeUnknownError`` (``sent=True``)."""
+    hint = f"publish again with id={msg_id!r} to store it at most once"
+    if isinstance(exc, PublishOutcomeUnknownError):
+        return PublishOutcomeUnknownError(exc.subject, exc.msg_id, exc.timeout, hint=hint)
+    return NatsUnavailableError(f"{exc} (envelope id {msg_id!r}: {hint})")
 
 
 def _log_async_failure(fut: asyncio.Future[PubAck]) -> None:

@@ -12,7 +12,13 @@ callbacks — one such round at a time.
 
 Every publish checks body + headers against the server's ``max_payload`` first; a
 JetStream publish or a request is never handed to nats-py while it is not connected (its
-reconnect buffer would send it later, after the caller was told it failed).
+reconnect buffer would send it later, after the caller was told it failed): it waits for
+the connection (a JetStream publish: and for JetStream) within its own timeout, then is
+sent with the time left, or fails as not sent.
+
+``health()`` is bounded (``HEALTH_PROBE_TIMEOUT`` per probe) and says ``connected`` only
+when the server answered a PING just now, and ``jetstream.enabled`` only when the client
+is provisioned and JetStream answered too; ``is_healthy`` is both.
 
 The module-level functions (``init_nats``, ``publish``...) act on one default client,
 as in the spec.
@@ -65,6 +71,7 @@ __all__ = [
     "get_client",
     "get_nats_health",
     "init_nats",
+    "is_healthy",
     "is_nats_connected",
     "publish",
     "request",
@@ -77,6 +84,7 @@ ConnectCallback = Callable[["NatsClient"], Awaitable[None]]
 
 _YIELD_EVERY = 256
 SUBSCRIBE_FLUSH_TIMEOUT = 5.0  # seconds a subscribe waits for the server to confirm it
+HEALTH_PROBE_TIMEOUT = 1.0  # seconds each health probe (PING, JetStream) may take
 
 
 @lru_cache(maxsize=8192)
@@ -163,13 +171,11 @@ class NatsClient:
         Raises:
             NatsUnavailableError: not connected within ``timeout`` seconds.
         """
-        try:
-            await asyncio.wait_for(self._conn.ready.wait(), timeout)
-        except TimeoutError:
+        if not await self._conn.wait_ready(time.monotonic() + timeout):
             raise NatsUnavailableError(
-                f"NATS at {self.display_url} not connected within {timeout:g} s"
+                f"NATS at {self.display_url} not connected within {timeout:g} s ({self.state})"
                 + (f" (last error: {self.last_error})" if self.last_error else "")
-            ) from None
+            )
 
     async def close(self) -> None:
         """Drain the connection, stop background work; idempotent."""
@@ -209,7 +215,8 @@ class NatsClient:
 
     @property
     def state(self) -> ConnectionState:
-        """``new``, ``connecting``, ``connected``, ``degraded`` or ``closed``."""
+        """``new``, ``connecting``, ``provisioning`` (connected, JetStream not answering
+        yet), ``connected``, ``degraded`` or ``closed``."""
         return self._conn.state
 
     @property
@@ -344,34 +351,60 @@ class NatsClient:
     # -- health ----------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        """The spec's health shape.
+        """The spec's health shape, probed now and bounded in time.
 
         ``{"connected": bool, "server": str|None, "rtt": ms|None,
-        "jetstream": {"enabled": bool, "streams": int}}`` where ``streams`` counts the
-        spec's three streams (``streams.SPEC_STREAMS``) that exist.
+        "jetstream": {"enabled": bool, "streams": int}}``: ``connected`` when the server
+        answered a PING within ``HEALTH_PROBE_TIMEOUT`` s (on a connection whose read loop
+        runs); ``jetstream.enabled`` when, besides, the client is provisioned
+        (``state == "connected"``) and JetStream answered within ``HEALTH_PROBE_TIMEOUT`` s;
+        ``streams`` counts the spec's three streams (``streams.SPEC_STREAMS``) that exist.
+        Takes at most about twice ``HEALTH_PROBE_TIMEOUT``; never raises.
         """
         out = empty_health()
-        if not self.is_connected:
+        nc = self._conn.nc
+        if nc is None or not nc.is_connected or hooks.read_loop_stopped(nc):
             return out
-        nc = self.nc
         try:
             # A PING/PONG timed with perf_counter: uvloop's loop.time() (used by nc.rtt)
             # ticks in whole milliseconds.
             start = time.perf_counter()
-            await guarded_flush(nc, 2)
+            await guarded_flush(nc, round(HEALTH_PROBE_TIMEOUT))
             rtt = time.perf_counter() - start
         except Exception:  # noqa: BLE001 - health reports, never raises
             return out
         out["connected"] = True
-        out["server"] = self.server_id
+        out["server"] = hooks.server_id(nc)
         out["rtt"] = round(rtt * 1000, 3)
+        js = self._conn.js
+        if js is None or not self.is_connected:
+            return out  # provisioning: JetStream has not answered for our streams yet
         try:
-            infos = await asyncio.wait_for(self.js.streams_info(), timeout=2)
+            infos = await asyncio.wait_for(js.streams_info(), timeout=HEALTH_PROBE_TIMEOUT)
         except Exception:  # noqa: BLE001
             return out
         names = {i.config.name for i in infos}
         out["jetstream"] = {"enabled": True, "streams": sum(n in names for n in streams.SPEC_STREAMS.stream_names)}
         return out
+
+    async def _usable(self, subject: str, deadline: float, *, jetstream: bool) -> float:
+        """Wait until the client can send (``jetstream``: connected and provisioned; else
+        a server connected) up to the monotonic ``deadline``; the seconds left.
+
+        Raises:
+            NatsUnavailableError: not so by then (nothing sent).
+        """
+        ok = self.is_connected or (not jetstream and self._conn.linked)
+        if not ok:
+            ok = await (self._conn.wait_ready(deadline) if jetstream else self._conn.wait_linked(deadline))
+        left = deadline - time.monotonic()
+        if not ok or left <= 0:
+            waited = "JetStream" if jetstream else "a connection"
+            raise NatsUnavailableError(
+                f"NATS at {self.display_url} ({self.state}): no {waited} within the timeout; "
+                f"message to {subject!r} not sent"
+            )
+        return left
 
     # -- messaging -------------------------------------------------------------
 
@@ -417,6 +450,10 @@ class NatsClient:
             msg_id: sent as ``Nats-Msg-Id`` so the stream drops a repeat in its window.
                 Always give one when a failed publish may be retried.
 
+            timeout: seconds for the whole call: while the client is not connected (a
+                reconnect, a cluster electing leaders) it waits for the connection and for
+                JetStream within it, then waits for the acknowledgement the time left.
+
         Returns:
             the ``PubAck`` (``.seq``, ``.duplicate``, ``.stream``).
 
@@ -425,7 +462,7 @@ class NatsClient:
             PublishOutcomeUnknownError: sent, but no acknowledgement within ``timeout``:
                 it may be stored (now or later); retry with the same ``msg_id``.
             NatsUnavailableError: not stored and never will be (``sent`` is ``False``):
-                not connected, reconnecting, or no stream captures the subject.
+                not connected within ``timeout``, or no stream captures the subject.
         """
         hdrs = dict(headers) if headers else {}
         if msg_id is not None:
@@ -436,6 +473,8 @@ class NatsClient:
         self, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, timeout: float = 5.0
     ) -> PubAck:
         """``js_publish`` for bytes on an already validated subject (hot paths); same errors."""
+        if not self.is_connected:
+            timeout = await self._usable(subject, time.monotonic() + timeout, jetstream=True)
         self._sendable(subject, payload, headers)
         return await publishing.js_publish(self.js, subject, payload, headers, timeout)
 
@@ -586,15 +625,18 @@ class NatsClient:
         """Send ``data`` and return the decoded JSON reply.
 
         A request is not buffered while nats-py reconnects (it would reach the responder
-        after the caller gave up): it fails at once with ``NatsUnavailableError``.
+        after the caller gave up): it waits for a connection within ``timeout``, then is
+        sent and waits for the reply the time left.
 
         Raises:
             RequestTimeoutError: no reply within ``timeout`` seconds, or no responder.
             PayloadTooLargeError: the request exceeds the server's ``max_payload``.
-            NatsUnavailableError: NATS is not connected (not sent).
+            NatsUnavailableError: NATS not connected within ``timeout`` (not sent).
         """
         subject = _checked_subject(subject)
         payload = codec.encode(data)
+        if not self._conn.linked:
+            timeout = await self._usable(subject, time.monotonic() + timeout, jetstream=False)
         msg = await publishing.request(self._sendable(subject, payload, None), subject, payload, timeout)
         return codec.decode(msg.data)
 
@@ -628,6 +670,11 @@ async def guarded_flush(nc: NatsConnection, timeout: int) -> None:
     except BaseException:
         hooks.forget_abandoned_pongs(nc)
         raise
+
+
+def is_healthy(health: dict[str, Any]) -> bool:
+    """Whether a ``health()`` report says NATS and JetStream both answer (HTTP 200)."""
+    return bool(health["connected"] and health["jetstream"]["enabled"])
 
 
 def empty_health() -> dict[str, Any]:

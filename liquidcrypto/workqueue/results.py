@@ -37,8 +37,8 @@ from nats.js.errors import BadRequestError
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from liquidcrypto.errors import ConsumerConflictError, InvalidPayloadError, LiquidNatsError, NatsUnavailableError
+from liquidcrypto.nats import failures, subjects
 from liquidcrypto.nats import headers as hdr
-from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.pull import PullConsumer
 from liquidcrypto.nats.subscription import MsgHandler, as_async
@@ -240,7 +240,8 @@ async def collect_results(
     Args:
         session_id: the session.
         count: how many distinct sub-PRD results to wait for.
-        timeout: seconds to wait at most.
+        timeout: seconds to wait at most, waiting for the connection and for JetStream
+            included (a process started during a reconnect or a leader election).
         known: sub-PRD ids known to be enqueued (reported in ``.missing``).
 
     Returns:
@@ -249,7 +250,7 @@ async def collect_results(
     Raises:
         ValueError: invalid session id, count or timeout.
         ConsumerConflictError: another reader of the session is active.
-        NatsUnavailableError: NATS is not available.
+        NatsUnavailableError: NATS or JetStream not available within ``timeout``.
     """
     subjects.token(session_id, "session_id")
     if count < 0:
@@ -280,7 +281,7 @@ async def collect_results(
     complete = count == 0
     try:
         if not complete:
-            await reader.open(wait=max(0.1, min(CONFLICT_WAIT, timeout)))
+            await _open_within(client, reader, deadline)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await done.wait()
@@ -306,6 +307,32 @@ async def collect_results(
             sorted(missing)[:20],
         )
     return ResultSet(list(got.values()), session_id=session_id, expected=count, missing=sorted(missing))
+
+
+async def _open_within(client: NatsClient, reader: ResultReader, deadline: float) -> None:
+    """Open ``reader`` by the monotonic ``deadline``: wait for the connection and for
+    JetStream (a reconnect, a cluster electing its leaders) and retry while JetStream
+    does not answer, instead of failing at once.
+
+    Raises:
+        NatsUnavailableError: not connected, or JetStream not answering, by ``deadline``.
+        ConsumerConflictError: another reader of the session stayed active.
+    """
+    delay = 0.1
+    while True:
+        left = deadline - time.monotonic()
+        if not client.is_connected:
+            await client.wait_connected(max(0.0, left))
+            left = deadline - time.monotonic()
+        try:
+            await reader.open(wait=max(0.1, min(CONFLICT_WAIT, left)))
+            return
+        except (NatsUnavailableError, nats.errors.Error, TimeoutError) as exc:
+            if failures.refused(exc) or time.monotonic() + delay >= deadline:
+                raise
+            log.info("collect_results(%s): JetStream not answering yet (%r); retrying", reader.session_id, exc)
+        await asyncio.sleep(delay)
+        delay = min(1.0, delay * 2)
 
 
 async def remove_results(client: NatsClient, msgs: list[Msg], session_id: str) -> None:

@@ -1,4 +1,4 @@
-""""Raised" does not mean "not stored" (issue 12, item 5): an A2A publish and an enqueue
+""" "Raised" does not mean "not stored" (issue 12, item 5): an A2A publish and an enqueue
 whose acknowledgement does not come during a freeze of nats-server raise
 ``PublishOutcomeUnknownError`` naming the id, and a retry with that id is stored once."""
 
