@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from functools import lru_cache
 from typing import Any
@@ -48,6 +49,7 @@ from liquidcrypto.errors import (
     LiquidNatsError,
     NatsUnavailableError,
     PublishOutcomeUnknownError,
+    RequestTimeoutError,
 )
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import streams, subjects
@@ -460,6 +462,9 @@ class A2ABus:
     async def request_agent(self, agent_id: str, task_type: str, task: Any = None, timeout: float = 5.0) -> Any:
         """Send a task and wait for the handler's ``reply(...)`` (or non-``None`` return).
 
+        While the client is not connected it waits for the connection within ``timeout``
+        (the rest of it is for the reply).
+
         Returns:
             the ``data`` of the reply.
 
@@ -468,6 +473,12 @@ class A2ABus:
             InvalidSubjectError / InvalidTaskError / NatsUnavailableError: as ``publish_task``.
         """
         subject = _task_subject(agent_id, task_type)
+        if not self.client.is_connected:
+            total, deadline = timeout, time.monotonic() + timeout
+            await self.client.wait_connected(timeout)
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise RequestTimeoutError(subject, total)
         if self._inbox is None:
             self._inbox = ReplyInbox(self.client)
         async with self._inbox.expect(subject, timeout) as (reply_to, answer):

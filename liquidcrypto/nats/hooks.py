@@ -1,6 +1,6 @@
 """The only place that touches nats-py internals.
 
-nats-py (2.9 to 2.16) has no public way to do three things this project needs:
+nats-py (2.9 to 2.16) has no public way to do these things this project needs:
 
 - ``server_id``: the id of the server the connection is on, for the health report
   (``connected_server_version``, ``client_id`` and ``connected_url`` are public; the

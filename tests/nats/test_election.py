@@ -1,6 +1,7 @@
-"""A process started during a stream-leader election (issue 12, item 3): it comes up,
-waits for JetStream within its call's timeout, and its first call succeeds. A real
-3-node cluster with R3 streams; the leader is SIGKILLed."""
+"""A process started during a stream-leader election or an outage (issue 12, item 3): it
+comes up, waits for the connection and JetStream within its call's timeout, and its first
+call succeeds. A real 3-node cluster with R3 streams whose leader is SIGKILLed, and a
+single server started late."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from typing import Any
 
 import pytest
 
+from liquidcrypto import A2ABus, Envelope
 from liquidcrypto.config import Settings
+from liquidcrypto.errors import RequestTimeoutError
 from liquidcrypto.nats.client import ConnectionState, NatsClient, close_nats, get_client, init_nats
-from liquidcrypto.nats.embedded import NatsCluster
+from liquidcrypto.nats.embedded import NatsCluster, NatsServer
 from liquidcrypto.workqueue import infra
 from liquidcrypto.workqueue.queue import WorkQueue, collect_results
 from tests.helpers import eventually
-
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 SESSION = "clu"
 COUNT = 400
@@ -27,6 +28,8 @@ async def _results_stored(client: NatsClient) -> int:
     return len(info.state.subjects or {})
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 async def test_a_collector_started_during_a_leader_election_collects_everything_once(
     nats_cluster: NatsCluster,
 ) -> None:
@@ -72,7 +75,8 @@ async def _count_is(client: NatsClient, n: int) -> bool:
         return False
 
 
-async def test_a_request_waits_for_the_connection_within_its_timeout(nats_cluster: NatsCluster) -> None:
+@pytest.mark.cluster
+async def test_a_js_publish_waits_for_the_connection_within_its_timeout(nats_cluster: NatsCluster) -> None:
     # Started while no node answers: a request with a timeout rides out the outage.
     for node in nats_cluster.nodes:
         node.stop()
@@ -85,4 +89,36 @@ async def test_a_request_waits_for_the_connection_within_its_timeout(nats_cluste
         assert ack.stream == "A2A_TASKS" and not ack.duplicate
         await restart
     finally:
+        await client.close()
+
+
+async def test_request_agent_and_request_wait_for_the_connection_within_their_timeout(
+    nats_server: NatsServer,
+) -> None:
+    nats_server.stop()
+    client = NatsClient(nats_server.url, settings=Settings())
+    await client.connect()
+    bus = A2ABus(client)
+    agent_client = NatsClient(nats_server.url, settings=Settings())
+    agent = A2ABus(agent_client)
+    try:
+        assert client.state is ConnectionState.DEGRADED
+        asked = asyncio.ensure_future(bus.request_agent("late", "double", 21, timeout=60))
+        core = asyncio.ensure_future(client.request("late.echo", {"n": 1}, timeout=15))
+        await asyncio.to_thread(nats_server.start)
+        await agent_client.connect(wait=15)
+
+        def double(task: Envelope) -> int:
+            return int(task.data) * 2
+
+        await agent.subscribe_to_tasks("late.tasks.double", double)
+        assert await asyncio.wait_for(asked, 60) == 42
+        # The core request was sent once connected: nobody listens on its subject, so it
+        # fails as a request with no reply, not as "not connected".
+        with pytest.raises(RequestTimeoutError):
+            await core
+    finally:
+        await agent.close()
+        await agent_client.close()
+        await bus.close()
         await client.close()
