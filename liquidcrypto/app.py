@@ -34,7 +34,8 @@ from liquidcrypto.config import Settings
 from liquidcrypto.fanout import auth
 from liquidcrypto.fanout.endpoint import websocket_endpoint
 from liquidcrypto.fanout.manager import NatsWebSocketManager
-from liquidcrypto.nats.client import NatsClient, close_nats, init_nats, is_healthy
+from liquidcrypto.nats.client import NatsClient, close_nats, init_nats
+from liquidcrypto.nats.health import is_healthy
 from liquidcrypto.redact import install_log_redaction
 
 STATIC_DIR = Path(__file__).parent / "static"

@@ -16,9 +16,7 @@ reconnect buffer would send it later, after the caller was told it failed): it w
 the connection (a JetStream publish: and for JetStream) within its own timeout, then is
 sent with the time left, or fails as not sent.
 
-``health()`` is bounded (``HEALTH_PROBE_TIMEOUT`` per probe) and says ``connected`` only
-when the server answered a PING just now, and ``jetstream.enabled`` only when the client
-is provisioned and JetStream answered too; ``is_healthy`` is both.
+``health()`` probes now, bounded in time (``liquidcrypto.nats.health``).
 
 The module-level functions (``init_nats``, ``publish``...) act on one default client,
 as in the spec.
@@ -47,8 +45,10 @@ from liquidcrypto.errors import (
     StreamConflictError,
 )
 from liquidcrypto.nats import headers as hdr
+from liquidcrypto.nats import health as health_mod
 from liquidcrypto.nats import hooks, publishing, streams, subjects
 from liquidcrypto.nats.connection import DEGRADED_LINE, Connection, ConnectionState
+from liquidcrypto.nats.health import empty_health, guarded_flush
 from liquidcrypto.nats.options import connect_options, redact_url
 from liquidcrypto.nats.subscription import (
     DEFAULT_PENDING_BYTES,
@@ -66,12 +66,10 @@ __all__ = [
     "ConnectionState",
     "NatsClient",
     "close_nats",
-    "empty_health",
     "flush_barrier",
     "get_client",
     "get_nats_health",
     "init_nats",
-    "is_healthy",
     "is_nats_connected",
     "publish",
     "request",
@@ -84,7 +82,6 @@ ConnectCallback = Callable[["NatsClient"], Awaitable[None]]
 
 _YIELD_EVERY = 256
 SUBSCRIBE_FLUSH_TIMEOUT = 5.0  # seconds a subscribe waits for the server to confirm it
-HEALTH_PROBE_TIMEOUT = 1.0  # seconds each health probe (PING, JetStream) may take
 
 
 @lru_cache(maxsize=8192)
@@ -351,41 +348,11 @@ class NatsClient:
     # -- health ----------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        """The spec's health shape, probed now and bounded in time.
-
-        ``{"connected": bool, "server": str|None, "rtt": ms|None,
-        "jetstream": {"enabled": bool, "streams": int}}``: ``connected`` when the server
-        answered a PING within ``HEALTH_PROBE_TIMEOUT`` s (on a connection whose read loop
-        runs); ``jetstream.enabled`` when, besides, the client is provisioned
-        (``state == "connected"``) and JetStream answered within ``HEALTH_PROBE_TIMEOUT`` s;
-        ``streams`` counts the spec's three streams (``streams.SPEC_STREAMS``) that exist.
-        Takes at most about twice ``HEALTH_PROBE_TIMEOUT``; never raises.
-        """
-        out = empty_health()
-        nc = self._conn.nc
-        if nc is None or not nc.is_connected or hooks.read_loop_stopped(nc):
-            return out
-        try:
-            # A PING/PONG timed with perf_counter: uvloop's loop.time() (used by nc.rtt)
-            # ticks in whole milliseconds.
-            start = time.perf_counter()
-            await guarded_flush(nc, round(HEALTH_PROBE_TIMEOUT))
-            rtt = time.perf_counter() - start
-        except Exception:  # noqa: BLE001 - health reports, never raises
-            return out
-        out["connected"] = True
-        out["server"] = hooks.server_id(nc)
-        out["rtt"] = round(rtt * 1000, 3)
-        js = self._conn.js
-        if js is None or not self.is_connected:
-            return out  # provisioning: JetStream has not answered for our streams yet
-        try:
-            infos = await asyncio.wait_for(js.streams_info(), timeout=HEALTH_PROBE_TIMEOUT)
-        except Exception:  # noqa: BLE001
-            return out
-        names = {i.config.name for i in infos}
-        out["jetstream"] = {"enabled": True, "streams": sum(n in names for n in streams.SPEC_STREAMS.stream_names)}
-        return out
+        """The spec's health shape, probed now and bounded in time (``health.probe``):
+        ``connected`` when the server answered a PING, ``jetstream.enabled`` when the
+        client is provisioned and JetStream answered too. Never raises."""
+        provisioned = self.is_connected
+        return await health_mod.probe(self._conn.nc, self._conn.js if provisioned else None)
 
     async def _usable(self, subject: str, deadline: float, *, jetstream: bool) -> float:
         """Wait until the client can send (``jetstream``: connected and provisioned; else
@@ -659,27 +626,6 @@ async def flush_barrier(nc: NatsConnection, timeout: float) -> None:
     """
     await hooks.flush_pending(nc, timeout)
     await guarded_flush(nc, max(1, round(timeout)))
-
-
-async def guarded_flush(nc: NatsConnection, timeout: int) -> None:
-    """``nc.flush(timeout)`` that leaves the connection working when it times out or is
-    cancelled: nats-py keeps the abandoned PONG future, and the late PONG then stops its
-    read loop (``hooks.forget_abandoned_pongs``)."""
-    try:
-        await nc.flush(timeout=timeout)
-    except BaseException:
-        hooks.forget_abandoned_pongs(nc)
-        raise
-
-
-def is_healthy(health: dict[str, Any]) -> bool:
-    """Whether a ``health()`` report says NATS and JetStream both answer (HTTP 200)."""
-    return bool(health["connected"] and health["jetstream"]["enabled"])
-
-
-def empty_health() -> dict[str, Any]:
-    """The health of a client that is not connected."""
-    return {"connected": False, "server": None, "rtt": None, "jetstream": {"enabled": False, "streams": 0}}
 
 
 def _replace_url(settings: Settings, url: str) -> Settings:
