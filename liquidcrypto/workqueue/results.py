@@ -187,6 +187,9 @@ class ResultReader:
         )
         deadline = time.monotonic() + self._conflict_wait
         delay = 0.1
+        # Named before asking: a request that timed out may still have made it (a cluster
+        # electing leaders), and the next attempt deletes it first instead of conflicting.
+        self.name = name
         while True:
             try:
                 info = await self.client.js.add_consumer(infra.TASKS_STREAM, config)
@@ -202,7 +205,6 @@ class ResultReader:
                     ) from exc
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
-        self.name = name
         return info
 
     async def _delete(self) -> None:
@@ -320,16 +322,22 @@ async def _open_within(client: NatsClient, reader: ResultReader, deadline: float
     """
     delay = 0.1
     while True:
-        left = deadline - time.monotonic()
         if not client.is_connected:
-            await client.wait_connected(max(0.0, left))
-            left = deadline - time.monotonic()
+            await client.wait_connected(max(0.0, deadline - time.monotonic()))
+        left = deadline - time.monotonic()
         try:
-            await reader.open(wait=max(0.1, min(CONFLICT_WAIT, left)))
+            async with asyncio.timeout(max(0.0, left)):
+                await reader.open(wait=max(0.1, min(CONFLICT_WAIT, left)))
             return
         except (NatsUnavailableError, nats.errors.Error, TimeoutError) as exc:
-            if failures.refused(exc) or time.monotonic() + delay >= deadline:
+            if failures.refused(exc):
                 raise
+            if time.monotonic() + delay >= deadline:
+                if isinstance(exc, NatsUnavailableError):
+                    raise
+                raise NatsUnavailableError(
+                    f"collect_results({reader.session_id!r}): JetStream did not answer in time ({exc!r})"
+                ) from exc
             log.info("collect_results(%s): JetStream not answering yet (%r); retrying", reader.session_id, exc)
         await asyncio.sleep(delay)
         delay = min(1.0, delay * 2)
