@@ -1,7 +1,8 @@
 """The NATS client: connection with degraded mode, provisioning, health, JSON messaging.
 
 ``NatsClient`` owns one ``Connection`` (``connection.py``: connecting, degraded mode,
-reconnect supervision). ``connect()`` never raises because NATS is down: the client logs
+reconnect supervision). ``connect()`` never raises because NATS is down: when no server
+of the pool answers, the client logs
 ``[Server] NATS not available - running in degraded mode`` once, keeps trying in the
 background with jittered back-off, and becomes ``connected`` by itself. Once connected,
 nats-py reconnects for ever (``max_reconnect_attempts=-1``); a connection closed under us
@@ -144,8 +145,10 @@ class NatsClient:
     async def connect(self, *, wait: float | None = None) -> NatsClient:
         """Connect, or go to degraded mode and keep trying in the background.
 
-        Returns as soon as the client is connected, or the first attempt failed, or the
-        connect timeout passed — whichever comes first. It never raises because NATS is down.
+        Returns as soon as the client is connected, or every server of the pool failed
+        once (degraded), or the connect timeout passed for each — whichever comes first.
+        A server that answers while JetStream does not is waited for up to 15 s, then the
+        client stays ``provisioning`` (not degraded). It never raises because NATS is down.
 
         Args:
             wait: if given, wait up to this many seconds to be connected, then raise
