@@ -85,6 +85,8 @@ class Settings:
     nats_tls_cert: str | None = None
     nats_tls_key: str | None = None
     nats_name: str = "liquidcrypto"
+    nats_ping_interval: float = 2.0
+    nats_max_outstanding_pings: int = 2
     ws_backend: str = "nats"
     redis_url: str = "redis://localhost:6379"
     host: str = "127.0.0.1"
@@ -136,6 +138,9 @@ class Settings:
         replicas = _int(e, "NATS_JS_REPLICAS", 1)
         if not 1 <= replicas <= 5:
             raise ValueError(f"environment variable NATS_JS_REPLICAS={replicas} must be between 1 and 5")
+        max_pings = _int(e, "NATS_MAX_OUTSTANDING_PINGS", 2)
+        if max_pings < 1:
+            raise ValueError(f"environment variable NATS_MAX_OUTSTANDING_PINGS={max_pings} must be 1 or more")
         write_delay = _float(e, "WS_WRITE_DELAY", 0.0)
         if not 0 <= write_delay <= 1:
             raise ValueError(f"environment variable WS_WRITE_DELAY={write_delay:g} must be 0 to 1 seconds")
@@ -154,6 +159,8 @@ class Settings:
             nats_tls_cert=_str(e, "NATS_TLS_CERT"),
             nats_tls_key=_str(e, "NATS_TLS_KEY"),
             nats_name=e.get("NATS_CLIENT_NAME") or "liquidcrypto",
+            nats_ping_interval=_positive(e, "NATS_PING_INTERVAL", 2.0),
+            nats_max_outstanding_pings=max_pings,
             ws_backend=backend,
             redis_url=e.get("REDIS_URL") or "redis://localhost:6379",
             host=e.get("HOST") or "127.0.0.1",

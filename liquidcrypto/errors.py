@@ -59,18 +59,22 @@ class PublishOutcomeUnknownError(NatsUnavailableError, TimeoutError):
 
     sent = True
 
-    def __init__(self, subject: str, msg_id: str | None, timeout: float) -> None:
+    def __init__(self, subject: str, msg_id: str | None, timeout: float, *, hint: str = "") -> None:
+        """
+        Args:
+            hint: how the caller passes the id again (``id=...``), appended to the message.
+        """
         self.subject = subject
         self.msg_id = msg_id
         self.timeout = timeout
         advice = (
-            f"retry with the same Nats-Msg-Id {msg_id!r}"
+            f"retry with the same id {msg_id!r} (its Nats-Msg-Id: the stream stores the same Nats-Msg-Id once)"
             if msg_id is not None
             else "it had no Nats-Msg-Id, so a retry may store it twice"
         )
         super().__init__(
             f"JetStream publish to {subject!r} sent, but no acknowledgement within {timeout:g} s: "
-            f"outcome unknown, it may be stored; {advice}"
+            f"outcome unknown (it may be stored, now or later); {advice}" + (f"; {hint}" if hint else "")
         )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from functools import lru_cache
 from typing import Any
@@ -47,6 +48,8 @@ from liquidcrypto.errors import (
     InvalidPayloadError,
     LiquidNatsError,
     NatsUnavailableError,
+    PublishOutcomeUnknownError,
+    RequestTimeoutError,
 )
 from liquidcrypto.nats import headers as hdr
 from liquidcrypto.nats import streams, subjects
@@ -461,6 +464,9 @@ class A2ABus:
     async def request_agent(self, agent_id: str, task_type: str, task: Any = None, timeout: float = 5.0) -> Any:
         """Send a task and wait for the handler's ``reply(...)`` (or non-``None`` return).
 
+        While the client is not connected it waits for the connection within ``timeout``
+        (the rest of it is for the reply).
+
         Returns:
             the ``data`` of the reply.
 
@@ -469,6 +475,12 @@ class A2ABus:
             InvalidSubjectError / InvalidTaskError / NatsUnavailableError: as ``publish_task``.
         """
         subject = _task_subject(agent_id, task_type)
+        if not self.client.is_connected:
+            total, deadline = timeout, time.monotonic() + timeout
+            await self.client.wait_connected(timeout)
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise RequestTimeoutError(subject, total)
         if self._inbox is None:
             self._inbox = ReplyInbox(self.client)
         async with self._inbox.expect(subject, timeout) as (reply_to, answer):
@@ -575,8 +587,12 @@ class A2ABus:
 
 
 def _with_id(exc: NatsUnavailableError, msg_id: str) -> NatsUnavailableError:
-    """``exc`` naming the envelope id a retry must reuse to be de-duplicated."""
-    return NatsUnavailableError(f"{exc} (envelope id {msg_id!r}: retry with id={msg_id!r} to store it at most once)")
+    """``exc`` naming the envelope id a retry must reuse to be de-duplicated; an unknown
+    outcome stays a ``PublishOutcomeUnknownError`` (``sent=True``)."""
+    hint = f"publish again with id={msg_id!r} to store it at most once"
+    if isinstance(exc, PublishOutcomeUnknownError):
+        return PublishOutcomeUnknownError(exc.subject, exc.msg_id, exc.timeout, hint=hint)
+    return NatsUnavailableError(f"{exc} (envelope id {msg_id!r}: {hint})")
 
 
 def _log_async_failure(fut: asyncio.Future[PubAck]) -> None:

@@ -1,7 +1,8 @@
 """The NATS client: connection with degraded mode, provisioning, health, JSON messaging.
 
 ``NatsClient`` owns one ``Connection`` (``connection.py``: connecting, degraded mode,
-reconnect supervision). ``connect()`` never raises because NATS is down: the client logs
+reconnect supervision). ``connect()`` never raises because NATS is down: when no server
+of the pool answers, the client logs
 ``[Server] NATS not available - running in degraded mode`` once, keeps trying in the
 background with jittered back-off, and becomes ``connected`` by itself. Once connected,
 nats-py reconnects for ever (``max_reconnect_attempts=-1``); a connection closed under us
@@ -12,7 +13,11 @@ callbacks — one such round at a time.
 
 Every publish checks body + headers against the server's ``max_payload`` first; a
 JetStream publish or a request is never handed to nats-py while it is not connected (its
-reconnect buffer would send it later, after the caller was told it failed).
+reconnect buffer would send it later, after the caller was told it failed): it waits for
+the connection (a JetStream publish: and for JetStream) within its own timeout, then is
+sent with the time left, or fails as not sent.
+
+``health()`` probes now, bounded in time (``liquidcrypto.nats.health``).
 
 The module-level functions (``init_nats``, ``publish``...) act on one default client,
 as in the spec.
@@ -41,8 +46,10 @@ from liquidcrypto.errors import (
     StreamConflictError,
 )
 from liquidcrypto.nats import headers as hdr
+from liquidcrypto.nats import health as health_mod
 from liquidcrypto.nats import hooks, publishing, streams, subjects
 from liquidcrypto.nats.connection import DEGRADED_LINE, Connection, ConnectionState
+from liquidcrypto.nats.health import empty_health, guarded_flush
 from liquidcrypto.nats.options import connect_options, redact_url
 from liquidcrypto.nats.subscription import (
     DEFAULT_PENDING_BYTES,
@@ -60,7 +67,6 @@ __all__ = [
     "ConnectionState",
     "NatsClient",
     "close_nats",
-    "empty_health",
     "flush_barrier",
     "get_client",
     "get_nats_health",
@@ -139,8 +145,10 @@ class NatsClient:
     async def connect(self, *, wait: float | None = None) -> NatsClient:
         """Connect, or go to degraded mode and keep trying in the background.
 
-        Returns as soon as the client is connected, or the first attempt failed, or the
-        connect timeout passed — whichever comes first. It never raises because NATS is down.
+        Returns as soon as the client is connected, or every server of the pool failed
+        once (degraded), or the connect timeout passed for each — whichever comes first.
+        A server that answers while JetStream does not is waited for up to 15 s, then the
+        client stays ``provisioning`` (not degraded). It never raises because NATS is down.
 
         Args:
             wait: if given, wait up to this many seconds to be connected, then raise
@@ -163,13 +171,11 @@ class NatsClient:
         Raises:
             NatsUnavailableError: not connected within ``timeout`` seconds.
         """
-        try:
-            await asyncio.wait_for(self._conn.ready.wait(), timeout)
-        except TimeoutError:
+        if not await self._conn.wait_ready(time.monotonic() + timeout):
             raise NatsUnavailableError(
-                f"NATS at {self.display_url} not connected within {timeout:g} s"
+                f"NATS at {self.display_url} not connected within {timeout:g} s ({self.state})"
                 + (f" (last error: {self.last_error})" if self.last_error else "")
-            ) from None
+            )
 
     async def close(self) -> None:
         """Drain the connection, stop background work; idempotent."""
@@ -209,7 +215,8 @@ class NatsClient:
 
     @property
     def state(self) -> ConnectionState:
-        """``new``, ``connecting``, ``connected``, ``degraded`` or ``closed``."""
+        """``new``, ``connecting``, ``provisioning`` (connected, JetStream not answering
+        yet), ``connected``, ``degraded`` or ``closed``."""
         return self._conn.state
 
     @property
@@ -349,34 +356,30 @@ class NatsClient:
     # -- health ----------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        """The spec's health shape.
+        """The spec's health shape, probed now and bounded in time (``health.probe``):
+        ``connected`` when the server answered a PING, ``jetstream.enabled`` when the
+        client is provisioned and JetStream answered too. Never raises."""
+        provisioned = self.is_connected
+        return await health_mod.probe(self._conn.nc, self._conn.js if provisioned else None)
 
-        ``{"connected": bool, "server": str|None, "rtt": ms|None,
-        "jetstream": {"enabled": bool, "streams": int}}`` where ``streams`` counts the
-        spec's three streams (``streams.SPEC_STREAMS``) that exist.
+    async def _usable(self, subject: str, deadline: float, *, jetstream: bool) -> float:
+        """Wait until the client can send (``jetstream``: connected and provisioned; else
+        a server connected) up to the monotonic ``deadline``; the seconds left.
+
+        Raises:
+            NatsUnavailableError: not so by then (nothing sent).
         """
-        out = empty_health()
-        if not self.is_connected:
-            return out
-        nc = self.nc
-        try:
-            # A PING/PONG timed with perf_counter: uvloop's loop.time() (used by nc.rtt)
-            # ticks in whole milliseconds.
-            start = time.perf_counter()
-            await guarded_flush(nc, 2)
-            rtt = time.perf_counter() - start
-        except Exception:  # noqa: BLE001 - health reports, never raises
-            return out
-        out["connected"] = True
-        out["server"] = self.server_id
-        out["rtt"] = round(rtt * 1000, 3)
-        try:
-            infos = await asyncio.wait_for(self.js.streams_info(), timeout=2)
-        except Exception:  # noqa: BLE001
-            return out
-        names = {i.config.name for i in infos}
-        out["jetstream"] = {"enabled": True, "streams": sum(n in names for n in streams.SPEC_STREAMS.stream_names)}
-        return out
+        ok = self.is_connected or (not jetstream and self._conn.linked)
+        if not ok:
+            ok = await (self._conn.wait_ready(deadline) if jetstream else self._conn.wait_linked(deadline))
+        left = deadline - time.monotonic()
+        if not ok or left <= 0:
+            waited = "JetStream" if jetstream else "a connection"
+            raise NatsUnavailableError(
+                f"NATS at {self.display_url} ({self.state}): no {waited} within the timeout; "
+                f"message to {subject!r} not sent"
+            )
+        return left
 
     # -- messaging -------------------------------------------------------------
 
@@ -422,6 +425,10 @@ class NatsClient:
             msg_id: sent as ``Nats-Msg-Id`` so the stream drops a repeat in its window.
                 Always give one when a failed publish may be retried.
 
+            timeout: seconds for the whole call: while the client is not connected (a
+                reconnect, a cluster electing leaders) it waits for the connection and for
+                JetStream within it, then waits for the acknowledgement the time left.
+
         Returns:
             the ``PubAck`` (``.seq``, ``.duplicate``, ``.stream``).
 
@@ -430,7 +437,7 @@ class NatsClient:
             PublishOutcomeUnknownError: sent, but no acknowledgement within ``timeout``:
                 it may be stored (now or later); retry with the same ``msg_id``.
             NatsUnavailableError: not stored and never will be (``sent`` is ``False``):
-                not connected, reconnecting, or no stream captures the subject.
+                not connected within ``timeout``, or no stream captures the subject.
         """
         hdrs = dict(headers) if headers else {}
         if msg_id is not None:
@@ -441,6 +448,8 @@ class NatsClient:
         self, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, timeout: float = 5.0
     ) -> PubAck:
         """``js_publish`` for bytes on an already validated subject (hot paths); same errors."""
+        if not self.is_connected:
+            timeout = await self._usable(subject, time.monotonic() + timeout, jetstream=True)
         self._sendable(subject, payload, headers)
         return await publishing.js_publish(self.js, subject, payload, headers, timeout)
 
@@ -591,15 +600,18 @@ class NatsClient:
         """Send ``data`` and return the decoded JSON reply.
 
         A request is not buffered while nats-py reconnects (it would reach the responder
-        after the caller gave up): it fails at once with ``NatsUnavailableError``.
+        after the caller gave up): it waits for a connection within ``timeout``, then is
+        sent and waits for the reply the time left.
 
         Raises:
             RequestTimeoutError: no reply within ``timeout`` seconds, or no responder.
             PayloadTooLargeError: the request exceeds the server's ``max_payload``.
-            NatsUnavailableError: NATS is not connected (not sent).
+            NatsUnavailableError: NATS not connected within ``timeout`` (not sent).
         """
         subject = _checked_subject(subject)
         payload = codec.encode(data)
+        if not self._conn.linked:
+            timeout = await self._usable(subject, time.monotonic() + timeout, jetstream=False)
         msg = await publishing.request(self._sendable(subject, payload, None), subject, payload, timeout)
         return codec.decode(msg.data)
 
@@ -622,22 +634,6 @@ async def flush_barrier(nc: NatsConnection, timeout: float) -> None:
     """
     await hooks.flush_pending(nc, timeout)
     await guarded_flush(nc, max(1, round(timeout)))
-
-
-async def guarded_flush(nc: NatsConnection, timeout: int) -> None:
-    """``nc.flush(timeout)`` that leaves the connection working when it times out or is
-    cancelled: nats-py keeps the abandoned PONG future, and the late PONG then stops its
-    read loop (``hooks.forget_abandoned_pongs``)."""
-    try:
-        await nc.flush(timeout=timeout)
-    except BaseException:
-        hooks.forget_abandoned_pongs(nc)
-        raise
-
-
-def empty_health() -> dict[str, Any]:
-    """The health of a client that is not connected."""
-    return {"connected": False, "server": None, "rtt": None, "jetstream": {"enabled": False, "streams": 0}}
 
 
 def _replace_url(settings: Settings, url: str) -> Settings:

@@ -2,8 +2,14 @@
 
 ``Connection`` owns the nats-py connection and its state:
 
-- **Connecting.** The first attempt runs as an owned task; ``start()`` returns at the
-  first failure (degraded mode) or once connected, and the task keeps trying.
+- **Connecting.** The first attempt runs as an owned task; ``start()`` returns once
+  connected, or when every server of the pool failed once (degraded mode), and the task
+  keeps trying. A server that answers while JetStream does not (a cluster electing its
+  leaders) is not degraded: the state is ``provisioning`` until the streams are ensured.
+- **Watchdog.** nats-py's read loop can end without reconnecting (an unexpected error in
+  it) while the connection still says *connected*; a watchdog task notices it within
+  ``WATCHDOG_INTERVAL`` seconds (two looks in a row) and forces a reconnect
+  (``hooks.read_loop_stopped``, ``hooks.force_reconnect``).
 - **Reconnecting.** nats-py reconnects a connection by itself (for ever, with our
   options). A connection nats-py reports *closed* without ``close()`` having been
   called — the server closed it after a protocol error such as an over-size message, or
@@ -53,6 +59,7 @@ SLOW_CONSUMERS = Counter(
 DEGRADED_LINE = "[Server] NATS not available - running in degraded mode"
 PROVISION_TIMEOUT = 15.0
 STABLE_AFTER = 30.0  # seconds a connection must live before its close restarts the back-off
+WATCHDOG_INTERVAL = 0.25  # seconds between two looks at nats-py's read loop
 _CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
 
 Establish = Callable[[NatsConnection], Awaitable[None]]
@@ -63,6 +70,8 @@ class ConnectionState(StrEnum):
 
     NEW = "new"
     CONNECTING = "connecting"
+    PROVISIONING = "provisioning"
+    """Connected to a server; JetStream not answering yet (streams being ensured)."""
     CONNECTED = "connected"
     DEGRADED = "degraded"
     CLOSED = "closed"
@@ -100,32 +109,76 @@ class Connection:
         self._tasks = TaskSet()
         self._installed_at = 0.0
         self._closes = 0
+        self._failed_attempts = 0
+        self._pool_size = 1
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start connecting; return once connected, or the first attempt failed, or the
-        connect timeout passed (then degraded). Never raises because NATS is down."""
+        """Start connecting; return once connected, or once every server of the pool
+        failed (then degraded), or after the connect timeout for each of them.
+        A server that answers while JetStream does not leaves the state ``provisioning``
+        (not degraded) after ``PROVISION_TIMEOUT``. Never raises because NATS is down."""
         self.state = ConnectionState.CONNECTING
         hooks.strict_message_parser()  # a \v or \f in a subject must not drop the connection
+        options = self._options()
+        servers = options.get("servers")
+        self._pool_size = len(servers) if isinstance(servers, list) and servers else 1
         # nats-py retries the initial connect for ever when max_reconnect_attempts=-1;
-        # run it as an owned task and stop waiting at the first failure.
+        # run it as an owned task and stop waiting once each server has failed once.
         self._tasks.spawn(self._connect_loop(0), "nats-connect")
+        self._tasks.spawn(self._watchdog(), "nats-watchdog")
         first = asyncio.ensure_future(self._first_failure.wait())
         ready = asyncio.ensure_future(self.ready.wait())
-        timeout = float(self._options().get("connect_timeout", 2)) + 1
+        timeout = float(options.get("connect_timeout", 2)) * self._pool_size + 1
         await asyncio.wait({first, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         first.cancel()
         if self.nc is not None and not self.ready.is_set():
             # Connected, still provisioning (a cluster electing its stream leaders).
             await asyncio.wait({ready}, timeout=PROVISION_TIMEOUT)
         ready.cancel()
-        if not self.ready.is_set() and self.state is ConnectionState.CONNECTING:
-            # A connection that became CONNECTED meanwhile stays so.
+        if self.state is ConnectionState.PROVISIONING and not self.ready.is_set():
+            log.warning(
+                "NATS connected at %s but JetStream is not answering yet (%s); provisioning in the background",
+                self.display_url,
+                self.last_error or "no answer",
+            )
+        elif not self.ready.is_set() and self.state in (ConnectionState.CONNECTING, ConnectionState.DEGRADED):
+            # A connection that became CONNECTED meanwhile stays so; one lost while
+            # provisioning is already counted.
+            if self.state is ConnectionState.CONNECTING:
+                DISCONNECTS.inc()
             self.state = ConnectionState.DEGRADED
-            DISCONNECTS.inc()
             log.warning(DEGRADED_LINE)
             log.warning("NATS at %s: %s; retrying in the background", self.display_url, self.last_error or "no answer")
+
+    async def wait_linked(self, deadline: float) -> bool:
+        """Wait until a server is connected (core NATS works), up to the monotonic
+        ``deadline``; whether it is."""
+        while not self.linked:
+            if self._closing() or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return True
+
+    async def wait_ready(self, deadline: float) -> bool:
+        """Wait until connected and provisioned, up to the monotonic ``deadline``; whether it is."""
+        while not (self.ready.is_set() and self.is_connected):
+            remaining = deadline - time.monotonic()
+            if self._closing() or remaining <= 0:
+                return False
+            # ready can be set a moment before the socket is seen down: poll too.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ready.wait(), min(remaining, 0.25))
+            if self.ready.is_set() and not self.is_connected:
+                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return True
+
+    @property
+    def linked(self) -> bool:
+        """A server is connected (core NATS works), provisioned or not."""
+        nc = self.nc
+        return nc is not None and nc.is_connected
 
     async def close(self) -> None:
         """Stop every background task, drain and close the connection; idempotent."""
@@ -197,7 +250,30 @@ class Connection:
         self._installed_at = time.monotonic()
         if self.state is ConnectionState.DEGRADED:
             log.info("NATS reachable at %s; leaving degraded mode", self.display_url)
+        self.state = ConnectionState.PROVISIONING
         self._start_round()
+
+    async def _watchdog(self) -> None:
+        """Force a reconnect when nats-py's read loop ended while the connection says
+        connected (seen on two looks in a row, so a reconnect in progress is not hit)."""
+        suspect: NatsConnection | None = None
+        while not self._closing():
+            await asyncio.sleep(WATCHDOG_INTERVAL)
+            nc = self.nc
+            if nc is None or not hooks.read_loop_stopped(nc):
+                suspect = None
+                continue
+            if suspect is not nc:
+                suspect = nc
+                continue
+            suspect = None
+            log.warning(
+                "NATS read loop of the connection to %s stopped while connected; reconnecting", self.display_url
+            )
+            try:
+                await hooks.force_reconnect(nc)
+            except Exception as exc:  # noqa: BLE001 - the watchdog must go on watching
+                log.warning("forcing a NATS reconnect failed (%s)", describe(exc))
 
     def _options_for(self, nc: NatsConnection) -> dict[str, Any]:
         """nats-py options whose callbacks are bound to ``nc``: a replaced connection's
@@ -246,12 +322,16 @@ class Connection:
             self._eof_from = hooks.server_id(self.nc)
         self.last_error = describe(exc)
         if self.state is ConnectionState.CONNECTING:
-            self._first_failure.set()
+            # nats-py moves on to the next server after each failure: degraded only once
+            # every server of the pool has failed.
+            self._failed_attempts += 1
+            if self._failed_attempts >= self._pool_size:
+                self._first_failure.set()
         log.debug("NATS error: %s", self.last_error)
 
     def _on_disconnected(self) -> None:
         self._cancel_round()
-        if self.state is ConnectionState.CONNECTED:
+        if self.state in (ConnectionState.CONNECTED, ConnectionState.PROVISIONING):
             self._lost()
             log.warning("NATS disconnected from %s; reconnecting", self.display_url)
 
@@ -261,6 +341,7 @@ class Connection:
         self.reconnects += 1
         RECONNECTS.inc()
         log.info("NATS reconnected to %s", self.display_url)
+        self.state = ConnectionState.PROVISIONING
         self._count_server_cut()
         self._start_round()
 
@@ -288,7 +369,7 @@ class Connection:
         if self.state is ConnectionState.CLOSED:
             return
         self._cancel_round()
-        if self.state is ConnectionState.CONNECTED:
+        if self.state in (ConnectionState.CONNECTED, ConnectionState.PROVISIONING):
             self._lost()
         self.state = ConnectionState.DEGRADED
         self.ready.clear()

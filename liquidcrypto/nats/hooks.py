@@ -1,6 +1,6 @@
 """The only place that touches nats-py internals.
 
-nats-py (2.9 to 2.16) has no public way to do three things this project needs:
+nats-py (2.9 to 2.16) has no public way to do these things this project needs:
 
 - ``server_id``: the id of the server the connection is on, for the health report
   (``connected_server_version``, ``client_id`` and ``connected_url`` are public; the
@@ -15,6 +15,12 @@ nats-py (2.9 to 2.16) has no public way to do three things this project needs:
   reading** — no message arrives until missed pings (~30 s) force a reconnect. Each
   abandoned future is replaced by a fresh placeholder (the queue stays in step with the
   PINGs sent).
+- ``read_loop_stopped`` / ``force_reconnect``: the watchdog of ``connection.py``. nats-py's
+  read loop ends on an unexpected exception (it logs "encountered error" and returns)
+  without reconnecting: the connection then says *connected* and reads nothing until
+  missed pings force a reconnect. ``read_loop_stopped`` looks at its reader task
+  (``_reading_task``); ``force_reconnect`` starts nats-py's own reconnection
+  (``_process_op_err``, as a stale connection does).
 - ``strict_message_parser``: nats-py's ``MSG``/``HMSG`` patterns split on any whitespace,
   which in bytes includes vertical tab (0x0b) and form feed (0x0c); nats-server allows both inside a subject,
   so any client publishing to ``agents.a<VT>b.events.x`` made every matching subscriber's
@@ -23,8 +29,9 @@ nats-py (2.9 to 2.16) has no public way to do three things this project needs:
 
 Each access falls back to doing without when a nats-py release drops the attribute:
 the health report then shows no server id, the barrier is plain ``flush()``,
-abandoned PONG futures are left as they are, and the parser keeps its patterns (a warning
-says so).
+abandoned PONG futures are left as they are, a stopped read loop is left to the ping
+check (``NATS_PING_INTERVAL``), a forced reconnect closes the connection instead (the
+client then connects afresh), and the parser keeps its patterns (a warning says so).
 ``tests/nats/test_hooks.py`` exercises both paths.
 """
 
@@ -82,11 +89,37 @@ def forget_abandoned_pongs(nc: object) -> int:
     return replaced
 
 
+def read_loop_stopped(nc: object) -> bool:
+    """Whether nats-py's read loop of ``nc`` has ended while ``nc`` says it is connected.
+
+    ``False`` also when this nats-py has no such task (nothing can be told).
+    """
+    task = getattr(nc, "_reading_task", None)
+    return isinstance(task, asyncio.Task) and task.done() and bool(getattr(nc, "is_connected", False))
+
+
+async def force_reconnect(nc: object) -> bool:
+    """Make nats-py drop the connection ``nc`` and reconnect, as for a stale connection.
+
+    Returns:
+        ``True`` when nats-py reconnects it; ``False`` when this nats-py has no such hook
+        and ``nc`` was closed instead (a closed connection is replaced by a fresh one).
+    """
+    import nats.errors
+
+    process_op_err = getattr(nc, "_process_op_err", None)
+    if process_op_err is not None:
+        await process_op_err(nats.errors.StaleConnectionError())
+        return True
+    close = getattr(nc, "close", None)
+    if close is not None:
+        await close()
+    return False
+
+
 # The protocol separates arguments with spaces or tabs (nats-server's parser); nothing else.
 _STRICT_MSG = rb"\AMSG[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?(\d+)\r\n"
-_STRICT_HMSG = (
-    rb"\AHMSG[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?(\d+)[ \t]+(\d+)\r\n"
-)
+_STRICT_HMSG = rb"\AHMSG[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?(\d+)[ \t]+(\d+)\r\n"
 
 
 def strict_message_parser() -> bool:

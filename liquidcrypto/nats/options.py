@@ -17,7 +17,11 @@ def connect_options(s: Settings) -> dict[str, Any]:
     """nats-py ``connect`` keyword arguments for ``s``, without the callbacks.
 
     Reconnects never stop (``max_reconnect_attempts=-1``) and wait a jittered, capped
-    exponential delay; a dead server is noticed within ~30 s (ping every 10 s, 3 missed).
+    exponential delay. A stalled or silent server is noticed within seconds: a PING every
+    ``NATS_PING_INTERVAL`` (2 s), and when more than ``NATS_MAX_OUTSTANDING_PINGS`` (2) are
+    unanswered nats-py reconnects — between 4 and 6 s after the server went quiet with
+    the defaults (a frozen server process, a VM pause, a path that drops packets). An
+    event loop blocked that long in this process (a sync handler) also counts as silence.
     """
     opts: dict[str, Any] = {
         "servers": s.nats_servers(),
@@ -26,8 +30,8 @@ def connect_options(s: Settings) -> dict[str, Any]:
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
         "connect_timeout": 2,
-        "ping_interval": 10,
-        "max_outstanding_pings": 3,
+        "ping_interval": s.nats_ping_interval,
+        "max_outstanding_pings": s.nats_max_outstanding_pings,
         "reconnect_to_server_handler": pick_server,
     }
     if s.nats_user:

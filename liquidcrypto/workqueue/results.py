@@ -39,8 +39,8 @@ from nats.js.errors import BadRequestError
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from liquidcrypto.errors import ConsumerConflictError, InvalidPayloadError, LiquidNatsError, NatsUnavailableError
+from liquidcrypto.nats import failures, subjects
 from liquidcrypto.nats import headers as hdr
-from liquidcrypto.nats import subjects
 from liquidcrypto.nats.client import NatsClient
 from liquidcrypto.nats.pull import PullConsumer
 from liquidcrypto.nats.subscription import MsgHandler, as_async
@@ -189,6 +189,9 @@ class ResultReader:
         )
         deadline = time.monotonic() + self._conflict_wait
         delay = 0.1
+        # Named before asking: a request that timed out may still have made it (a cluster
+        # electing leaders), and the next attempt deletes it first instead of conflicting.
+        self.name = name
         while True:
             try:
                 info = await self.client.js.add_consumer(infra.TASKS_STREAM, config)
@@ -204,7 +207,6 @@ class ResultReader:
                     ) from exc
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
-        self.name = name
         return info
 
     async def _delete(self) -> None:
@@ -242,7 +244,8 @@ async def collect_results(
     Args:
         session_id: the session.
         count: how many distinct sub-PRD results to wait for.
-        timeout: seconds to wait at most.
+        timeout: seconds to wait at most, waiting for the connection and for JetStream
+            included (a process started during a reconnect or a leader election).
         known: sub-PRD ids known to be enqueued (reported in ``.missing``).
 
     Returns:
@@ -251,7 +254,7 @@ async def collect_results(
     Raises:
         ValueError: invalid session id, count or timeout.
         ConsumerConflictError: another reader of the session is active.
-        NatsUnavailableError: NATS is not available.
+        NatsUnavailableError: NATS or JetStream not available within ``timeout``.
     """
     subjects.token(session_id, "session_id")
     if count < 0:
@@ -282,7 +285,7 @@ async def collect_results(
     complete = count == 0
     try:
         if not complete:
-            await reader.open(wait=max(0.1, min(CONFLICT_WAIT, timeout)))
+            await _open_within(client, reader, deadline)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await done.wait()
@@ -308,6 +311,38 @@ async def collect_results(
             sorted(missing)[:20],
         )
     return ResultSet(list(got.values()), session_id=session_id, expected=count, missing=sorted(missing))
+
+
+async def _open_within(client: NatsClient, reader: ResultReader, deadline: float) -> None:
+    """Open ``reader`` by the monotonic ``deadline``: wait for the connection and for
+    JetStream (a reconnect, a cluster electing its leaders) and retry while JetStream
+    does not answer, instead of failing at once.
+
+    Raises:
+        NatsUnavailableError: not connected, or JetStream not answering, by ``deadline``.
+        ConsumerConflictError: another reader of the session stayed active.
+    """
+    delay = 0.1
+    while True:
+        if not client.is_connected:
+            await client.wait_connected(max(0.0, deadline - time.monotonic()))
+        left = deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.0, left)):
+                await reader.open(wait=max(0.1, min(CONFLICT_WAIT, left)))
+            return
+        except (NatsUnavailableError, nats.errors.Error, TimeoutError) as exc:
+            if failures.refused(exc):
+                raise
+            if time.monotonic() + delay >= deadline:
+                if isinstance(exc, NatsUnavailableError):
+                    raise
+                raise NatsUnavailableError(
+                    f"collect_results({reader.session_id!r}): JetStream did not answer in time ({exc!r})"
+                ) from exc
+            log.info("collect_results(%s): JetStream not answering yet (%r); retrying", reader.session_id, exc)
+        await asyncio.sleep(delay)
+        delay = min(1.0, delay * 2)
 
 
 async def remove_results(client: NatsClient, msgs: list[Msg], session_id: str) -> None:

@@ -120,3 +120,43 @@ def test_strict_message_parser_splits_only_on_space_and_tab(monkeypatch: pytest.
     assert h is not None and (h.group(1), h.group(2), h.group(5), h.group(6)) == (b"a\x0cb", b"9", b"12", b"17")
     monkeypatch.delattr(parser, "MSG_RE")
     assert hooks.strict_message_parser() is False  # a nats-py without the pattern: left alone
+
+
+async def test_read_loop_stopped_and_force_reconnect_on_a_live_connection(client: NatsClient) -> None:
+    nc = client.nc
+    assert hooks.read_loop_stopped(nc) is False
+    before = client.reconnects
+    assert await hooks.force_reconnect(nc) is True
+    await client.wait_connected(15)
+    assert client.reconnects == before + 1 and client.nc is nc
+    assert hooks.read_loop_stopped(nc) is False
+
+
+async def test_read_loop_stopped_and_force_reconnect_fall_back_without_the_attributes() -> None:
+    class Bare:
+        is_connected = True
+
+    class Closable:
+        closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    assert hooks.read_loop_stopped(Bare()) is False
+    done: asyncio.Task[None] = asyncio.ensure_future(asyncio.sleep(0))
+    await done
+
+    class DeadButDisconnected:
+        _reading_task = done
+        is_connected = False
+
+    class Dead:
+        _reading_task = done
+        is_connected = True
+
+    assert hooks.read_loop_stopped(DeadButDisconnected()) is False
+    assert hooks.read_loop_stopped(Dead()) is True
+    closable = Closable()
+    assert await hooks.force_reconnect(closable) is False
+    assert closable.closed
+    assert await hooks.force_reconnect(Bare()) is False  # nothing to do it with: no error
