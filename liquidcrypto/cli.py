@@ -190,7 +190,8 @@ def nats_server(
 def health(
     url: Annotated[str | None, typer.Option(help="Service base URL (default http://HOST:PORT).")] = None,
 ) -> None:
-    """Ask a running service for its NATS health; exit 0 when connected, 1 when not."""
+    """Ask a running service for its NATS health; exit 0 when healthy (HTTP 200: NATS and
+    JetStream answer), 1 when not (503), 2 when the service does not answer."""
     s = _settings()
     base = url or f"http://{s.host}:{s.port}"
     try:
@@ -206,7 +207,7 @@ def health(
     js = data.get("jetstream") or {}
     table.add_row("jetstream", f"enabled={js.get('enabled')} streams={js.get('streams')}")
     console.print(table)
-    raise typer.Exit(0 if data.get("connected") else 1)
+    raise typer.Exit(0 if resp.status_code == 200 else 1)
 
 
 async def _with_client(coro_fn: Any) -> Any:

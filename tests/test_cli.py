@@ -155,3 +155,21 @@ async def test_serve_does_not_negotiate_per_message_deflate(tmp_path: Path, nats
         await wait_http(f"http://127.0.0.1:{port}/api/v1/nats/health", svc)
         async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:  # offers deflate by default
             assert ws.protocol.extensions == []
+
+
+async def test_health_command_fails_while_jetstream_does_not_answer(tmp_path: Path) -> None:
+    """NATS answers, JetStream does not (disabled here): HTTP 503 and exit 1, not "connected"."""
+    server = NatsServer(tmp_path / "nojs", extra_config="jetstream: disabled\n")
+    server.start()
+    http_port = free_port()
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        with cli(["serve"], {"NATS_URL": server.url, "PORT": str(http_port)}, tmp_path) as svc:
+            status, body = await wait_http(base + "/api/v1/nats/health", svc)
+            assert status == 503 and body["connected"] is True and body["jetstream"]["enabled"] is False
+            run = [sys.executable, "-m", "liquidcrypto", "health", "--url", base]
+            result = subprocess.run(run, capture_output=True, text=True, timeout=30)
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert "enabled=False" in result.stdout
+    finally:
+        server.stop()
