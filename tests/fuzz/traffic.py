@@ -82,6 +82,8 @@ SERVICE_TRAFFIC: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("advisory", r"^\$JS\.EVENT\.(ADVISORY|METRIC)\."),
         # The worker's attempt counts (failures and redeliveries only).
         ("attempts-kv", r"^\$KV\.ORCHESTRATOR_ATTEMPTS\."),
+        # The durable subscription's "handled" marks: its own name and a stream sequence.
+        ("handled-kv", r"^\$KV\.A2A_HANDLED\.fuzz-durable\.\d+$"),
     )
 )
 
