@@ -8,22 +8,31 @@ subscribed to BTCUSDT and publishes 100 trades/s for the whole module. After eve
 
 - each honest client received every trade published so far, in order: no gap, no
   duplicate (the trade's own counter), ``seq`` strictly increasing, nothing ``missed``,
-  still connected;
-- the p99 latency of the trades received during the attack is under ``P99_LIMIT``;
-- the service's RSS peak during the attack is at most ``RSS_LIMIT`` above where it
-  started, and its open file descriptors come back;
+  no error frame, still connected;
+- the p99 latency (publish to receipt) of the trades received during the attack is
+  under ``P99_LIMIT`` (0.5 s);
+- the service's RSS peak during the attack is at most ``RSS_LIMIT`` (40 MiB) above
+  where it started (measured: +0 to +9 MiB), and its open file descriptors come back
+  (within ``FD_SLACK``);
 - the service's NATS connection was never cut: ``liquidcrypto_nats_reconnects_total``
   unchanged, no slow-consumer event or server cut in ``/api/v1/ws/stats``, no slow
   consumer at nats-server; ``/api/v1/nats/health`` answers 200;
-- no traceback in the service's log.
+- no traceback in the service's log (but uvicorn's own for invalid UTF-8).
 
-A line per attack says what happened (``-s`` shows them; a failure shows its own).
+The attacks: the history replay flood from a client that never reads, subscribe churn
+with random symbols from four clients, a 16 MiB frame, random bytes / invalid UTF-8 /
+binary / malformed frames and protocol violations, 10k tiny frames per second, 2,000
+connections opened and dropped at every stage of the handshake, token guessing, and a
+slowloris handshake. Each prints a line (``-s`` shows them; a failure shows its own):
+attack, duration, honest trades received, p99, RSS, fds, CPU share of the service, and
+what the attack observed. The two tests at the end are what still breaks (xfail).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import re
@@ -55,10 +64,8 @@ from tests.fanout.hostile import (
     OP_BINARY,
     OP_CONT,
     OP_PING,
-    OP_TEXT,
     RawWs,
     close_code_of,
-    server_frames,
     upgrade_request,
     ws_frame,
 )
@@ -72,7 +79,10 @@ RATE = 100  # trades per second, for the whole module
 STORED = 10_000
 MAX_FEEDS = 200
 MAX_REPLAYS = 8  # the default WS_MAX_REPLAYS
-P99_LIMIT = 0.25  # s: generous, this 2-core machine runs other tests meanwhile
+# s: generous (a 2-core machine running other tests; an attack's window holds 50-300 trades,
+# so its p99 is nearly its max), yet a stall such as the replay flood's before its fix
+# (p99 3.4 s) or today's ping flood (0.7-2 s) fails it.
+P99_LIMIT = 0.5
 RSS_LIMIT = 40 * MiB
 FD_SLACK = 8
 HOST = "127.0.0.1"
@@ -89,6 +99,8 @@ class Snapshot:
     transport: dict[str, Any]
     nats_slow: int
     log_size: int
+    cpu: float
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -136,8 +148,19 @@ class Arena:
         transport = self.ops("/api/v1/ws/stats").json()["transport"]
         varz = httpx.get(self.nats.monitor_url + "/varz", timeout=10).json()
         return Snapshot(
-            self.rss(), self.fds(), float(match.group(1)), transport, varz["slow_consumers"], len(self.log())
+            self.rss(),
+            self.fds(),
+            float(match.group(1)),
+            transport,
+            varz["slow_consumers"],
+            len(self.log()),
+            self.cpu(),
         )
+
+    def cpu(self) -> float:
+        """User + system CPU seconds of the service."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log(self) -> str:
         return self.service.output
@@ -212,7 +235,9 @@ class Arena:
             problems.append(f"open file descriptors {before.fds} -> {self.fds()}")
         after = self.snapshot()
         if after.reconnects != before.reconnects:
-            problems.append(f"the service's NATS connection was cut: reconnects {before.reconnects} -> {after.reconnects}")
+            problems.append(
+                f"the service's NATS connection was cut: reconnects {before.reconnects} -> {after.reconnects}"
+            )
         for key in ("slow_consumer_events", "server_cuts"):
             if after.transport[key] != before.transport[key] or after.transport[key]:
                 problems.append(f"{key}: {before.transport[key]} -> {after.transport[key]}")
@@ -221,14 +246,19 @@ class Arena:
         growth = peak_rss - before.rss
         if growth > RSS_LIMIT:
             problems.append(f"RSS grew by {growth / MiB:.1f} MiB during the attack (limit {RSS_LIMIT / MiB:.0f})")
-        if tracebacks := unexpected_tracebacks(self.log()[before.log_size :]):
+        new_log = self.log()[before.log_size :]
+        closes = re.findall(r"closing \S+ with (\d+)", new_log)
+        if closes:
+            notes["server_closed"] = {code: closes.count(code) for code in sorted(set(closes))}
+        if tracebacks := unexpected_tracebacks(new_log):
             problems.append(f"{len(tracebacks)} tracebacks in the service log, the first:\n{tracebacks[0][:3000]}")
         p99 = max(c["p99_ms"] for c in report["clients"])
         received = "/".join(str(c["received"]) for c in report["clients"])
         extra = " ".join(f"{k}={v}" for k, v in notes.items())
         line = (
             f"[hostile] {name:<20} {took:5.1f}s  honest trades {received} of {published}  p99 {p99:.1f} ms  "
-            f"RSS {before.rss / MiB:.0f} MiB {growth / MiB:+.1f} peak  fds {before.fds}->{after.fds}  {extra}"
+            f"RSS {before.rss / MiB:.0f} MiB {growth / MiB:+.1f} peak  fds {before.fds}->{after.fds}  "
+            f"cpu {(after.cpu - before.cpu) / (after.at - before.at):.0%}  {extra}"
         )
         print(line)
         self.summaries.append(line)
@@ -243,7 +273,7 @@ LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", re.MULTILINE)
 def unexpected_tracebacks(log: str) -> list[str]:
     """The log records with a traceback, except the ``EXPECTED_ERRORS``."""
     starts = [m.start() for m in LOG_RECORD.finditer(log)] + [len(log)]
-    records = [log[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+    records = [log[a:b] for a, b in itertools.pairwise(starts)]
     return [r for r in records if "Traceback" in r and not any(e in r for e in EXPECTED_ERRORS)]
 
 
@@ -286,8 +316,21 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Arena]:
     try:
         wait_health(f"http://{HOST}:{port}/api/v1/nats/health", service)
         witness = subprocess.Popen(
-            [sys.executable, "-m", "tests.fanout.hostile", "--nats", nats.url, "--ws", f"ws://{HOST}:{port}/ws"]
-            + ["--token", token, "--rate", str(RATE), "--store", str(STORED)],
+            [
+                sys.executable,
+                "-m",
+                "tests.fanout.hostile",
+                "--nats",
+                nats.url,
+                "--ws",
+                f"ws://{HOST}:{port}/ws",
+                "--token",
+                token,
+                "--rate",
+                str(RATE),
+                "--store",
+                str(STORED),
+            ],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -338,7 +381,8 @@ async def test_replay_flood_from_a_client_that_never_reads(arena: Arena) -> None
         notes["consumers_peak"] = peak
         assert peak <= baseline + MAX_REPLAYS, f"{peak} consumers (baseline {baseline})"
         replays = arena.ops("/api/v1/ws/stats").json()["replays"]
-        assert replays["running"] <= MAX_REPLAYS, replays
+        notes["replays"] = replays
+        assert replays["running"] <= MAX_REPLAYS and not replays["refused"], replays
 
         async def back() -> bool:
             return await arena.consumers() <= baseline
@@ -351,7 +395,7 @@ def random_symbol() -> str:
     if kind < 0.9:
         return "".join(random.choices(string.ascii_uppercase, k=10))
     # Odd but valid subject tokens (an invalid one makes the whole frame a bad frame).
-    return random.choice(["ÄÖÜ€", "x" * 200, "$JS", "_INBOX", "A\u0000B", "\x7f", "A\"B", "{}"])
+    return random.choice(["ÄÖÜ€", "x" * 200, "$JS", "_INBOX", "A\u0000B", "\x7f", 'A"B', "{}"])
 
 
 async def test_subscribe_unsubscribe_churn_with_random_symbols(arena: Arena) -> None:
@@ -458,6 +502,7 @@ async def test_random_bytes_invalid_utf8_binary_and_malformed_frames(arena: Aren
         await odd.send(ws_frame(b'{"action":', fin=False))
         odd.close()
         notes["outcomes"] = outcomes
+        assert outcomes["not http"].startswith(b"HTTP/1.1 400 "), outcomes
         assert outcomes["invalid utf-8"] == 1007, outcomes
         assert outcomes["malformed json"] == 1008, outcomes  # WS_MAX_BAD_FRAMES bad frames
         for name in ("random bytes", "unmasked", "reserved opcode", "rsv bits", "long control", "bad continuation"):
@@ -526,7 +571,7 @@ async def test_thousands_of_connections_opened_and_dropped(arena: Arena) -> None
         notes["statuses"] = statuses
 
         async def only_the_honest() -> bool:
-            return arena.ops("/api/v1/ws/stats").json()["clients"] == 2
+            return bool(arena.ops("/api/v1/ws/stats").json()["clients"] == 2)
 
         await eventually(only_the_honest, timeout=10, what="the dropped clients unregistered")
         assert statuses == {"403": 400, "101": 400}, statuses
@@ -601,3 +646,60 @@ async def test_slowloris_handshakes(arena: Arena) -> None:
             for sock in held:
                 sock.close()
         notes["held"] = len(held)
+
+
+# -- what breaks today (issue 11 follow-ups, xfail until fixed) ----------------------------
+
+HANDSHAKE_DEADLINE = 15.0  # s: what a fix should stay under (nginx's client_header_timeout is 60 s)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="uvicorn (httptools) never times out a connection that has not sent its whole HTTP request: "
+    "idle or half-sent connections, no token needed, are held for ever; enough of them use up the "
+    "service's file descriptors and every new client and /api/v1/nats/health are refused",
+)
+async def test_a_connection_that_never_completes_its_handshake_is_closed(arena: Arena) -> None:
+    loop = asyncio.get_running_loop()
+    idle = await RawWs.open_socket(HOST, arena.port, rcvbuf=None)
+    partial = await RawWs.open_socket(HOST, arena.port, rcvbuf=None)
+    await loop.sock_sendall(partial, b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    try:
+        for sock in (idle, partial):
+            with contextlib.suppress(ConnectionResetError):
+                # b"" (EOF) or an HTTP error answer: closed either way.
+                await asyncio.wait_for(loop.sock_recv(sock, 1024), HANDSHAKE_DEADLINE)
+    finally:
+        idle.close()
+        partial.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="uvicorn's websockets-sansio protocol answers each ping inline with transport.write, "
+    "ignoring pause_writing, and keeps reading control frames: a client that sends pings and never "
+    "reads grows the service's write buffer without limit (~1 MiB/s at 10k pings/s)",
+)
+async def test_pings_from_a_client_that_never_reads_cost_bounded_memory(arena: Arena) -> None:
+    limit = 8 * MiB
+    async with arena.attack("ping flood, no read") as notes:
+        before = arena.rss()
+        peak = before
+        raw = await RawWs.connect(HOST, arena.port, arena.auth)
+        batch = ws_frame(b"p" * 125, OP_PING) * 500
+        sent = 0
+        try:
+            deadline = time.monotonic() + 8.0
+            while time.monotonic() < deadline and peak - before <= limit:
+                try:
+                    await asyncio.wait_for(raw.send(batch), 0.5)
+                except TimeoutError:  # the server stopped reading: what a fix does
+                    pass
+                else:
+                    sent += 500
+                peak = max(peak, arena.rss())
+        finally:
+            raw.close()
+        notes["pings"] = sent
+        notes["rss_growth_mib"] = round((peak - before) / MiB, 1)
+        assert peak - before <= limit, f"RSS grew by {(peak - before) / MiB:.1f} MiB after {sent} pings"
