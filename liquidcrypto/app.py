@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from liquidcrypto import serving
 from liquidcrypto.config import Settings
 from liquidcrypto.fanout import auth
 from liquidcrypto.fanout.endpoint import websocket_endpoint
@@ -50,9 +51,12 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """The uvicorn ``Config`` options the WebSocket edge relies on.
 
     ``ws_max_size`` makes the protocol layer refuse a frame larger than
-    ``WS_MAX_FRAME_BYTES`` from its header (close 1009) instead of buffering it first.
+    ``WS_MAX_FRAME_BYTES`` from its header (close 1009) instead of buffering it first;
+    the protocols of ``serving`` close a connection whose request headers have not arrived
+    within ``WS_HANDSHAKE_TIMEOUT`` and stop reading from a client that does not read.
     """
     return {
+        **serving.protocols(settings.ws_handshake_timeout),
         "ws_max_size": settings.ws_max_frame_bytes,
         "ws_ping_interval": settings.ws_ping_interval,
         "ws_ping_timeout": settings.ws_ping_timeout,

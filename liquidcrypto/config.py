@@ -110,6 +110,7 @@ class Settings:
     ws_max_bad_frames: int = 10
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
+    ws_handshake_timeout: float = 10.0
     ws_jwt_leeway: float = 30.0
     ws_jwt_audience: str | None = None
     ws_jwt_issuer: str | None = None
@@ -184,6 +185,7 @@ class Settings:
             ws_max_bad_frames=_int(e, "WS_MAX_BAD_FRAMES", 10),
             ws_ping_interval=_positive(e, "WS_PING_INTERVAL", 20.0),
             ws_ping_timeout=_positive(e, "WS_PING_TIMEOUT", 20.0),
+            ws_handshake_timeout=_positive(e, "WS_HANDSHAKE_TIMEOUT", 10.0),
             ws_jwt_leeway=_positive(e, "WS_JWT_LEEWAY", 30.0, allow_zero=True),
             ws_jwt_audience=_str(e, "WS_JWT_AUDIENCE"),
             ws_jwt_issuer=_str(e, "WS_JWT_ISSUER"),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
+from liquidcrypto import serving
 from liquidcrypto.app import create_app, uvicorn_options
 from liquidcrypto.config import Settings
 from liquidcrypto.nats.embedded import NatsServer, free_port
@@ -92,13 +93,17 @@ def test_metrics_show_the_connection(nats_server: NatsServer) -> None:
 
 
 def test_uvicorn_options_come_from_the_settings() -> None:
-    s = Settings(ws_max_frame_bytes=4096, ws_ping_interval=5.0, ws_ping_timeout=7.0)
-    assert uvicorn_options(s) == {
+    s = Settings(ws_max_frame_bytes=4096, ws_ping_interval=5.0, ws_ping_timeout=7.0, ws_handshake_timeout=3.0)
+    options = uvicorn_options(s)
+    http, ws = options.pop("http"), options.pop("ws")
+    assert options == {
         "ws_max_size": 4096,
         "ws_ping_interval": 5.0,
         "ws_ping_timeout": 7.0,
         "ws_per_message_deflate": False,
     }
+    assert issubclass(http, serving.DeadlineHttpProtocol) and http.header_timeout == 3.0
+    assert ws is serving.BoundedWebSocketProtocol
 
 
 def test_ops_endpoints_are_open_without_metrics_token_and_the_page_is_hardened(nats_server: NatsServer) -> None:

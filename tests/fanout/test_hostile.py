@@ -28,7 +28,9 @@ binary / malformed frames and protocol violations, 10k tiny frames per second, 2
 connections opened and dropped at every stage of the handshake, token guessing, and a
 slowloris handshake. Each prints a line (``-s`` shows them; a failure shows its own):
 attack, duration, honest trades received, p99, RSS, fds, CPU share of the service, and
-what the attack observed. The two tests at the end are what still breaks (xfail).
+what the attack observed. The two tests at the end broke the service before
+``liquidcrypto.serving`` bounded uvicorn's protocols (a handshake deadline; no reading
+from a client that does not read).
 """
 
 from __future__ import annotations
@@ -377,17 +379,11 @@ async def test_slowloris_handshakes(arena: Arena) -> None:
         notes["held"] = len(held)
 
 
-# -- what breaks today (issue 11 follow-ups, xfail until fixed) ----------------------------
+# -- what used to break (uvicorn's protocols, bounded in liquidcrypto.serving) -------------
 
-HANDSHAKE_DEADLINE = 15.0  # s: what a fix should stay under (nginx's client_header_timeout is 60 s)
+HANDSHAKE_DEADLINE = 15.0  # s: WS_HANDSHAKE_TIMEOUT is 10 s (nginx's client_header_timeout is 60 s)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uvicorn (httptools) never times out a connection that has not sent its whole HTTP request: "
-    "idle or half-sent connections, no token needed, are held for ever; enough of them use up the "
-    "service's file descriptors and every new client and /api/v1/nats/health are refused",
-)
 async def test_a_connection_that_never_completes_its_handshake_is_closed(arena: Arena) -> None:
     loop = asyncio.get_running_loop()
     idle = await RawWs.open_socket(HOST, arena.port, rcvbuf=None)
@@ -403,12 +399,6 @@ async def test_a_connection_that_never_completes_its_handshake_is_closed(arena: 
         partial.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uvicorn's websockets-sansio protocol answers each ping inline with transport.write, "
-    "ignoring pause_writing, and keeps reading control frames: a client that sends pings and never "
-    "reads grows the service's write buffer without limit (~1 MiB/s at 10k pings/s)",
-)
 async def test_pings_from_a_client_that_never_reads_cost_bounded_memory(arena: Arena) -> None:
     limit = 8 * MiB
     async with arena.attack("ping flood, no read") as notes:
