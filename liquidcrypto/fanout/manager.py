@@ -110,7 +110,7 @@ class NatsWebSocketManager:
         self.bad_messages = 0
         self.handler_dropped = 0
         # Counters of clients that have left, so /stats keeps them.
-        self._past = {"sent": 0, "conflated": 0, "dropped": 0, "duplicates": 0, "slow_disconnects": 0}
+        self._past = {"sent": 0, "conflated": 0, "dropped": 0, "duplicates": 0, "gaps": 0, "slow_disconnects": 0}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -435,7 +435,7 @@ class NatsWebSocketManager:
         if symbols is None:
             return
         request = protocol.Subscribe(
-            symbols=tuple(symbols), since_seq=request.since_seq, last=request.last, conflate=request.conflate
+            symbols=tuple(symbols), since_seq=request.since_seq, last=request.last, policy=request.policy
         )
         # Which symbols get history: all with "last" or an int "since_seq"; with a
         # per-symbol "since_seq" dict only the symbols it names (the others go live).
@@ -505,6 +505,12 @@ class NatsWebSocketManager:
                 done.append(symbol)
         session.offer(protocol.frame("unsubscribed", symbols=done))
 
+    def _lossy_clients(self, most: int = 20) -> list[dict[str, Any]]:
+        """The connected clients that lost the most trades (conflated or dropped), at most ``most``."""
+        lossy = [s for s in self.sessions if s.conflated or s.dropped]
+        lossy.sort(key=lambda s: s.conflated + s.dropped, reverse=True)
+        return [{"client": s.name, **s.stats()} for s in lossy[:most]]
+
     def stats(self) -> dict[str, Any]:
         """Counters of this instance (served at ``/api/v1/ws/stats``)."""
         totals = dict(self._past, queued=0)
@@ -519,6 +525,7 @@ class NatsWebSocketManager:
             "broadcasts_received": self.broadcasts_received,
             "handler_dropped": self.handler_dropped,
             "clients_total": totals,
+            "lossy_clients": self._lossy_clients(),
             "transport": self._backend.stats() if self._backend is not None else {},
             "replays": self._replays.stats() if self._replays is not None else {},
         }

@@ -34,6 +34,11 @@ FRAMES_SENT = Counter("liquidcrypto_ws_client_frames_sent", "Frames written to /
 CONFLATED = Counter("liquidcrypto_ws_client_conflated", "Trades replaced by a newer one of the same symbol")
 DROPPED = Counter("liquidcrypto_ws_client_dropped", "Frames dropped (oldest first) from full client queues")
 DUPLICATES = Counter("liquidcrypto_ws_client_duplicates", "Trades not sent again (sequence already sent)")
+GAPS = Counter("liquidcrypto_ws_client_gaps", "Gap frames sent to /ws clients (lost seq ranges announced)", ["reason"])
+EVERY_CLOSES = Counter(
+    "liquidcrypto_ws_client_every_closes",
+    'Clients closed with 1013 because a "policy": "every" subscription would have lost a trade',
+)
 SLOW_DISCONNECTS = Counter("liquidcrypto_ws_client_slow_disconnects", "Clients closed with 1013 for reading too slowly")
 BAD_FRAMES = Counter("liquidcrypto_ws_client_bad_frames", "Client frames answered with an error")
 POLICY_CLOSES = Counter("liquidcrypto_ws_client_policy_closes", "Clients closed with 1008 (abuse, auth, limits)")

@@ -3,6 +3,7 @@
 Client frames (JSON text)::
 
     {"action": "subscribe", "symbols": ["BTCUSDT"], "since_seq": 1234}   # or "last": 50
+        # and optionally "policy": "latest" (default) | "every"
     {"action": "unsubscribe", "symbols": ["BTCUSDT"]}
     {"action": "ping"}
 
@@ -13,11 +14,15 @@ Server frames (JSON text, each with a ``type``)::
     {"type": "history", "symbol": "BTCUSDT", "count": 12, "complete": true, "last_seq": 1240}
     {"type": "subscribed" | "unsubscribed", "symbols": [...]}
     {"type": "broadcast", "data": ...}
+    {"type": "gap", "symbol": "BTCUSDT", "from_seq": 1236, "to_seq": 1250, "reason": "conflated"}
     {"type": "pong"}
     {"type": "error", "message": "..."}      # maybe with "code" and "symbol"
 
 Any frame may carry ``"missed": N``: the number of trades this client did not get since
-its previous frame (conflated or dropped because it read too slowly).
+its previous frame (conflated or dropped because it read too slowly). Which ones: a
+``gap`` frame names each lost range of a symbol (``reason`` ``conflated`` or
+``dropped``), before the next trade of that symbol or once the writer has caught up;
+resubscribing with ``since_seq`` = ``from_seq`` - 1 recovers them from the stream.
 
 Trade frames are built once per message per instance as text and shared by every
 client queue; the published JSON is embedded byte for byte, never re-encoded.
@@ -36,6 +41,7 @@ from liquidcrypto.errors import InvalidPayloadError
 from liquidcrypto.nats import subjects
 
 ACTIONS = ("subscribe", "unsubscribe", "ping")
+POLICIES = ("latest", "every")
 
 
 class Subscribe(codec.Model, frozen=True, kw_only=True, tag_field="action", tag="subscribe"):
@@ -44,7 +50,12 @@ class Subscribe(codec.Model, frozen=True, kw_only=True, tag_field="action", tag=
     symbols: tuple[str, ...]
     since_seq: int | dict[str, int] | None = None
     last: int | None = None
-    conflate: bool = True
+    policy: str = "latest"
+
+    @property
+    def conflate(self) -> bool:
+        """Whether the subscription may be conflated (the ``latest`` policy)."""
+        return self.policy != "every"
 
 
 class Unsubscribe(codec.Model, frozen=True, kw_only=True, tag_field="action", tag="unsubscribe"):
@@ -111,10 +122,23 @@ def parse_client_frame(text: str | bytes, *, max_symbols: int) -> ClientFrame:
         last = _non_negative_int(last, "last")
     if since is not None and last is not None:
         raise InvalidPayloadError('give "since_seq" or "last", not both')
-    conflate = frame.get("conflate", True)
-    if not isinstance(conflate, bool):
-        raise InvalidPayloadError('"conflate" must be true or false')
-    return Subscribe(symbols=symbols, since_seq=since, last=last, conflate=conflate)
+    return Subscribe(symbols=symbols, since_seq=since, last=last, policy=_policy(frame))
+
+
+def _policy(frame: dict[str, Any]) -> str:
+    """The subscription's delivery policy: ``"policy"``, or the older ``"conflate"`` flag
+    (``false`` is ``every``, ``true`` is ``latest``); ``latest`` by default."""
+    policy = frame.get("policy")
+    conflate = frame.get("conflate")
+    if conflate is not None and not isinstance(conflate, bool):
+        raise InvalidPayloadError(f'"conflate" must be true or false, not {conflate!r}')
+    if policy is None:
+        return "every" if conflate is False else "latest"
+    if policy not in POLICIES:
+        raise InvalidPayloadError(f'"policy" must be one of {", ".join(POLICIES)}, not {policy!r}')
+    if conflate is not None and conflate != (policy == "latest"):
+        raise InvalidPayloadError(f'"conflate": {str(conflate).lower()} contradicts "policy": {policy!r}')
+    return str(policy)
 
 
 def trade_frame_head(symbol: str) -> str:

@@ -45,28 +45,52 @@ SendText = Callable[[str], Awaitable[None]]
 CLOSE_TRY_AGAIN = 1013
 CLOSE_POLICY = 1008
 
+POLICY_LATEST = "latest"
+POLICY_EVERY = "every"
+POLICIES = (POLICY_LATEST, POLICY_EVERY)
+GAP_CONFLATED = "conflated"
+GAP_DROPPED = "dropped"
+
 _ids = itertools.count(1)
 
 BATCH_MAX_FRAMES = 512
 BATCH_MAX_CHARS = 256 * 1024
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
     symbol: str | None
     seq: int
     frame: str
+    # Trades of ``symbol`` conflated away just before this one: seqs gap_from..gap_to (0: none).
+    gap_from: int = 0
+    gap_to: int = 0
 
 
 @dataclass(eq=False)
 class SymbolState:
-    """What a session knows of one subscribed symbol: conflation allowed, last sequence
-    queued, and the live trades held while its history is replayed."""
+    """What a session knows of one subscribed symbol: its policy (``latest``: conflate, drop
+    and announce; ``every``: never lose a trade, close the client instead), last sequence
+    queued and sent, the trades dropped and not yet announced, and the live trades held
+    while its history is replayed."""
 
     conflate: bool = True
     last_seq: int = 0
+    sent_seq: int = 0  # last seq written to the socket (named in an "every" close reason)
+    drop_from: int = 0
+    drop_to: int = 0
     replaying: bool = False
     held: deque[tuple[int, str]] = field(default_factory=deque)
+
+    @property
+    def policy(self) -> str:
+        return POLICY_LATEST if self.conflate else POLICY_EVERY
+
+    def note_dropped(self, first: int, last: int) -> None:
+        """Merge the lost seqs ``first..last`` into the pending ``dropped`` range (nothing of
+        the symbol was sent in between: the writer announces and clears it before sending)."""
+        self.drop_from = first if not self.drop_from else min(self.drop_from, first)
+        self.drop_to = max(self.drop_to, last)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +149,11 @@ class ClientSession:
         self.duplicates = 0
         self.missed = 0
         self._lost_since_progress = 0
+        self.gaps = 0
+        # Symbols with a dropped range not yet announced (SymbolState.drop_from/drop_to).
+        self._gap_symbols: set[str] = set()
+        # The last trade seq of each symbol in the message being sent (SymbolState.sent_seq once sent).
+        self._taken: dict[SymbolState, int] = {}
         self.tasks = TaskSet(self.name)
         # History replays: the symbols with one pending, and the writer's signal that
         # the queue went down to _low_mark (-1: nobody waits for it).
@@ -157,7 +186,12 @@ class ClientSession:
         if state.replaying:
             state.held.append((seq, frame))
             if len(state.held) > self.policy.queue_size:
-                state.held.popleft()
+                if not state.conflate:
+                    self._slow(symbol, state)
+                    return
+                lost, _ = state.held.popleft()
+                state.note_dropped(lost, lost)
+                self._gap_symbols.add(symbol)
                 self.dropped += 1
                 metrics.DROPPED.inc()
                 self._lose()
@@ -173,6 +207,9 @@ class ClientSession:
         if state.conflate and self.policy.conflate_at and len(self._queue) >= self.policy.conflate_at:
             entry = self._latest.get(symbol)
             if entry is not None:
+                if not entry.gap_from:
+                    entry.gap_from = entry.seq
+                entry.gap_to = entry.seq
                 entry.seq, entry.frame = seq, frame
                 self.conflated += 1
                 metrics.CONFLATED.inc()
@@ -186,9 +223,16 @@ class ClientSession:
         if self.kicked.is_set():
             return
         if len(self._queue) >= self.policy.queue_size:
+            if not self._may_drop(entry):
+                return
             old = self._queue.popleft()
-            if old.symbol is not None and self._latest.get(old.symbol) is old:
-                del self._latest[old.symbol]
+            if old.symbol is not None:
+                if self._latest.get(old.symbol) is old:
+                    del self._latest[old.symbol]
+                state = self.symbols.get(old.symbol)
+                if state is not None:
+                    state.note_dropped(old.gap_from or old.seq, old.seq)
+                    self._gap_symbols.add(old.symbol)
             self.dropped += 1
             metrics.DROPPED.inc()
             self._lose()
@@ -198,6 +242,22 @@ class ClientSession:
         if len(self._queue) >= self._soft_limit():
             self._room.clear()
         self._wake.set()
+
+    def _may_drop(self, entry: _Entry) -> bool:
+        """Whether the queue may drop its oldest frame to take ``entry``; if a subscription
+        with the ``every`` policy would lose a trade, the client is closed instead."""
+        for item in (self._queue[0], entry):
+            if item.symbol is not None:
+                state = self.symbols.get(item.symbol)
+                if state is not None and not state.conflate:
+                    self._slow(item.symbol, state)
+                    return False
+        return True
+
+    def _slow(self, symbol: str, state: SymbolState) -> None:
+        """Close the client: a subscription with the ``every`` policy would lose a trade."""
+        metrics.EVERY_CLOSES.inc()
+        self.kick(CLOSE_TRY_AGAIN, f"slow consumer; last_seq={state.sent_seq} ({symbol})")
 
     def _soft_limit(self) -> int:
         return self.policy.conflate_at or self.policy.queue_size
@@ -315,6 +375,9 @@ class ClientSession:
         unreported = 0  # frames sent but not yet added to the Prometheus counter
         try:
             while not self.kicked.is_set():
+                if not queue and self._gap_symbols:
+                    self._announce_drops()
+                    continue
                 if not queue:
                     if unreported:
                         metrics.FRAMES_SENT.inc(unreported)
@@ -339,6 +402,10 @@ class ClientSession:
                     if len(queue) <= self._low_mark:
                         self._low.set()
                 await self._send(text)
+                if self._taken:
+                    for state, seq in self._taken.items():
+                        state.sent_seq = seq
+                    self._taken.clear()
                 self.sent += frames
                 self._lost_since_progress = 0
                 unreported += frames
@@ -350,15 +417,59 @@ class ClientSession:
                 metrics.FRAMES_SENT.inc(unreported)
 
     def _take(self) -> str:
-        """The next queued frame, with the count of missed trades if any."""
-        entry = self._queue.popleft()
-        if entry.symbol is not None and self._latest.get(entry.symbol) is entry:
-            del self._latest[entry.symbol]
+        """The next queued frame, with the count of missed trades if any.
+
+        A trade that follows lost trades of its symbol is preceded by a ``gap`` frame
+        naming them (the trade goes back to the head of the queue for the next take).
+        """
+        entry = self._queue[0]
+        symbol = entry.symbol
+        if symbol is not None:
+            state = self.symbols.get(symbol)
+            if state is not None:
+                gap = self._gap_before(symbol, state, entry)
+                if gap is not None:
+                    return self._missed(gap)
+                self._taken[state] = entry.seq
+            if self._latest.get(symbol) is entry:
+                del self._latest[symbol]
+        self._queue.popleft()
+        return self._missed(entry.frame)
+
+    def _gap_before(self, symbol: str, state: SymbolState, entry: _Entry) -> str | None:
+        """The ``gap`` frame to send before ``entry`` (clearing what it announces), if any."""
+        first, last, reason = entry.gap_from, entry.gap_to, GAP_CONFLATED
+        if state.drop_to and state.drop_to < entry.seq:
+            # Dropped trades precede whatever is still queued of the symbol.
+            first, last, reason = state.drop_from, max(state.drop_to, last), GAP_DROPPED
+            state.drop_from = state.drop_to = 0
+            self._gap_symbols.discard(symbol)
+        if not first:
+            return None
+        entry.gap_from = entry.gap_to = 0
+        return self._gap_frame(symbol, first, last, reason)
+
+    def _announce_drops(self) -> None:
+        """Queue a ``gap`` frame for each dropped range no queued trade will announce."""
+        for symbol in self._gap_symbols:
+            state = self.symbols.get(symbol)
+            if state is not None and state.drop_to:
+                self._queue.append(
+                    _Entry(None, 0, self._gap_frame(symbol, state.drop_from, state.drop_to, GAP_DROPPED))
+                )
+                state.drop_from = state.drop_to = 0
+        self._gap_symbols.clear()
+
+    def _gap_frame(self, symbol: str, first: int, last: int, reason: str) -> str:
+        self.gaps += 1
+        metrics.GAPS.labels(reason).inc()
+        return protocol.frame("gap", symbol=symbol, from_seq=first, to_seq=last, reason=reason)
+
+    def _missed(self, text: str) -> str:
         if self.missed:
-            text = protocol.with_missed(entry.frame, self.missed)
+            text = protocol.with_missed(text, self.missed)
             self.missed = 0
-            return text
-        return entry.frame
+        return text
 
     def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         """Run ``coro`` as a task owned by this session (cancelled by ``cancel_tasks``)."""
@@ -374,4 +485,5 @@ class ClientSession:
             "conflated": self.conflated,
             "dropped": self.dropped,
             "duplicates": self.duplicates,
+            "gaps": self.gaps,
         }

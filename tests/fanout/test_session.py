@@ -9,6 +9,7 @@ import asyncio
 import orjson
 import pytest
 
+from liquidcrypto.errors import InvalidPayloadError
 from liquidcrypto.fanout import protocol
 from liquidcrypto.fanout.session import ClientSession, QueuePolicy, SymbolState
 
@@ -66,10 +67,13 @@ async def test_drop_oldest_counts_and_tells_the_client_in_its_next_frame() -> No
     for seq in range(1, 26):
         s.offer_trade("A", seq, trade("A", seq))
     assert s.queued == 10 and s.dropped == 15
-    await drain(s, sock, 10)
-    assert [f["seq"] for f in sock.frames] == list(range(16, 26))
-    assert sock.frames[0]["missed"] == 15
+    await drain(s, sock, 11)
+    # First the gap frame naming the dropped range, with the count; then the trades.
+    gap = {"type": "gap", "symbol": "A", "from_seq": 1, "to_seq": 15, "reason": "dropped", "missed": 15}
+    assert sock.frames[0] == gap
+    assert [f["seq"] for f in sock.frames[1:]] == list(range(16, 26))
     assert all("missed" not in f for f in sock.frames[1:])
+    assert s.stats()["gaps"] == 1
 
 
 async def test_batch_mode_sends_the_backlog_as_newline_separated_frames_in_one_message() -> None:
@@ -94,9 +98,10 @@ async def test_batch_mode_sends_the_backlog_as_newline_separated_frames_in_one_m
         await asyncio.sleep(0)
     writer.cancel()
     frames = [[orjson.loads(line) for line in message.split("\n")] for message in sent]
-    assert [[f["seq"] for f in m] for m in frames] == [list(range(3, 13)), [13]]
-    assert frames[0][0]["missed"] == 2 and all("missed" not in f for f in frames[0][1:])
-    assert s.sent == 11
+    assert frames[0][0] == {"type": "gap", "symbol": "A", "from_seq": 1, "to_seq": 2, "reason": "dropped", "missed": 2}
+    assert [[f["seq"] for f in m] for m in [frames[0][1:], frames[1]]] == [list(range(3, 13)), [13]]
+    assert all("missed" not in f for f in frames[0][1:])
+    assert s.sent == 12
 
 
 @pytest.mark.parametrize(("delay", "messages"), [(0.0, 2), (0.3, 1)])
@@ -131,9 +136,54 @@ async def test_conflation_keeps_the_latest_trade_per_symbol() -> None:
         s.offer_trade(sym, seq, trade(sym, seq))
     # Two queued, then each new trade replaced the queued one of its symbol.
     assert s.queued == 2 and s.conflated == 38 and s.dropped == 0
+    await drain(s, sock, 4)
+    # Each symbol's conflated range is announced just before its trade that replaced them.
+    assert sock.frames == [
+        {"type": "gap", "symbol": "A", "from_seq": 1, "to_seq": 37, "reason": "conflated", "missed": 38},
+        orjson.loads(trade("A", 39)),
+        {"type": "gap", "symbol": "B", "from_seq": 2, "to_seq": 38, "reason": "conflated"},
+        orjson.loads(trade("B", 40)),
+    ]
+
+
+async def test_a_dropped_range_with_no_later_trade_queued_is_announced_when_the_writer_catches_up() -> None:
+    s, sock = session_with(QueuePolicy(queue_size=2, conflate_at=0, disconnect_after=0), "A", "B")
+    for sym, seq in (("A", 1), ("B", 2), ("B", 3), ("B", 4)):
+        s.offer_trade(sym, seq, trade(sym, seq))
+    await drain(s, sock, 4)
+    assert [(f["type"], f.get("seq"), f.get("from_seq"), f.get("to_seq")) for f in sock.frames] == [
+        ("gap", None, 2, 2),  # B 2 dropped: announced before B 3
+        ("trade", 3, None, None),
+        ("trade", 4, None, None),
+        ("gap", None, 1, 1),  # A 1 dropped, no trade of A follows: announced once caught up
+    ]
+    assert sock.frames[-1]["symbol"] == "A" and sock.frames[-1]["reason"] == "dropped"
+
+
+async def test_conflated_then_dropped_is_one_range() -> None:
+    s, sock = session_with(QueuePolicy(queue_size=3, conflate_at=2, disconnect_after=0), "A", "B")
+    for sym, seq in (("A", 1), ("B", 2), ("A", 3), ("A", 4)):  # A 1 -> 3 -> 4: 1 and 3 conflated
+        s.offer_trade(sym, seq, trade(sym, seq))
+    s.offer('{"type":"pong"}')  # queue [A4, B2, pong]
+    s.offer('{"type":"pong"}')  # full: A 4 dropped, carrying its conflated 1..3
+    await drain(s, sock, 4)
+    gaps = [f for f in sock.frames if f["type"] == "gap"]
+    assert gaps == [{"type": "gap", "symbol": "A", "from_seq": 1, "to_seq": 4, "reason": "dropped"}]
+    assert s.conflated == 2 and s.dropped == 1
+
+
+async def test_policy_every_never_conflates_and_closes_instead_of_dropping() -> None:
+    s, sock = session_with(QueuePolicy(queue_size=4, conflate_at=2, disconnect_after=0), "A", conflate=False)
+    for seq in range(1, 3):
+        s.offer_trade("A", seq, trade("A", seq))
     await drain(s, sock, 2)
-    assert [(f["symbol"], f["seq"]) for f in sock.frames] == [("A", 39), ("B", 40)]
-    assert sock.frames[0]["missed"] == 38
+    for seq in range(3, 7):
+        s.offer_trade("A", seq, trade("A", seq))
+    assert not s.kicked.is_set() and s.conflated == s.dropped == 0
+    s.offer_trade("A", 7, trade("A", 7))
+    assert s.kicked.is_set() and s.close_code == 1013
+    assert s.close_reason == "slow consumer; last_seq=2 (A)"
+    assert s.dropped == 0 and s.queued == 0
 
 
 async def test_no_conflation_when_the_subscription_forbids_it() -> None:
@@ -207,6 +257,22 @@ async def test_history_waits_for_room_instead_of_dropping() -> None:
 def test_policy_rejects_an_empty_queue() -> None:
     with pytest.raises(ValueError, match="queue_size"):
         QueuePolicy(queue_size=0)
+
+
+def test_subscribe_policy_and_the_older_conflate_flag() -> None:
+    def policy(extra: str) -> str:
+        frame = protocol.parse_client_frame('{"action":"subscribe","symbols":["A"]' + extra + "}", max_symbols=3)
+        assert isinstance(frame, protocol.Subscribe)
+        return frame.policy
+
+    assert policy("") == "latest"
+    assert policy(',"policy":"every"') == "every"
+    assert policy(',"conflate":false') == "every"
+    assert policy(',"conflate":true,"policy":"latest"') == "latest"
+    with pytest.raises(InvalidPayloadError, match="'sometimes'"):
+        policy(',"policy":"sometimes"')
+    with pytest.raises(InvalidPayloadError, match="contradicts"):
+        policy(',"conflate":true,"policy":"every"')
 
 
 def test_client_frames_are_validated() -> None:
