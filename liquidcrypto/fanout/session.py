@@ -427,9 +427,10 @@ class ClientSession:
         if symbol is not None:
             state = self.symbols.get(symbol)
             if state is not None:
-                gap = self._gap_before(symbol, state, entry)
-                if gap is not None:
-                    return self._missed(gap)
+                if entry.gap_from or state.drop_to:
+                    gap = self._gap_before(symbol, state, entry)
+                    if gap is not None:
+                        return self._missed(gap)
                 self._taken[state] = entry.seq
             if self._latest.get(symbol) is entry:
                 del self._latest[symbol]
