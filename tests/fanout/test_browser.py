@@ -23,7 +23,7 @@ import websockets
 
 from liquidcrypto.nats.embedded import NatsServer, free_port
 from tests.fanout.support import AppInstance, app_instances
-from tests.fanout.test_e2e import module_nats, publisher, two_apps  # noqa: F401 - fixtures
+from tests.fanout.test_e2e import publisher, two_apps  # noqa: F401 - fixtures
 from tests.helpers import eventually
 
 READ_PANES = """JSON.stringify([...document.querySelectorAll('.pane')].map(p => ({
@@ -114,7 +114,7 @@ async def read_panes(page: Page) -> list[dict[str, Any]]:
 
 
 async def test_dashboard_panes_on_two_instances_show_the_same_live_trades(
-    module_nats: NatsServer,  # noqa: F811
+    module_nats: NatsServer,
     browser_page: Page,
 ) -> None:
     async def panes() -> list[dict[str, Any]]:
@@ -151,7 +151,7 @@ XSS = '<img src=x onerror="window.__xss = 1">'
 
 
 async def test_instances_parameter_is_shown_as_text_never_run_as_html(
-    module_nats: NatsServer,  # noqa: F811
+    module_nats: NatsServer,
     two_apps: list[AppInstance],  # noqa: F811
     tmp_path: Path,
 ) -> None:
@@ -169,7 +169,7 @@ async def test_instances_parameter_is_shown_as_text_never_run_as_html(
 
 
 async def test_dashboard_sends_its_token_only_to_its_own_origin(
-    module_nats: NatsServer,  # noqa: F811
+    module_nats: NatsServer,
     tmp_path: Path,
 ) -> None:
     token = "dash-" + secrets.token_urlsafe(16)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,6 @@ from tests.fanout.test_e2e import publisher, stalled_socket
 
 N_BURST = 2000
 PAD_4K = "x" * 4096
-
-
-@pytest.fixture(scope="module")
-def module_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    srv = NatsServer(tmp_path_factory.mktemp("conflation-nats"))
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 async def read_burst(c: WsClient, symbol: str, n: int) -> tuple[dict[int, int], list[dict[str, Any]]]:

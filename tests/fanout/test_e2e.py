@@ -24,16 +24,6 @@ from tests.helpers import eventually
 
 
 @pytest.fixture(scope="module")
-def module_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    srv = NatsServer(tmp_path_factory.mktemp("ws-nats"))
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="module")
 def two_apps(module_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AppInstance]]:
     env = {"NATS_URL": module_nats.url, "WS_BACKEND": "nats", "WS_MAX_SYMBOLS": "5"}
     with app_instances(2, env, tmp_path_factory.mktemp("apps")) as apps:

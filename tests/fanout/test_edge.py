@@ -10,7 +10,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,16 +27,6 @@ from tests.fanout.support import ROOT, WsClient
 from tests.helpers import CliProcess, cli, wait_http
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def edge_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    srv = NatsServer(tmp_path_factory.mktemp("edge-nats"))
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 class Service:
@@ -79,9 +69,9 @@ async def close_code(conn: Any, timeout: float = 10.0) -> int:
 
 
 async def test_oversized_frame_is_refused_by_the_protocol_layer_with_1009(
-    edge_nats: NatsServer, tmp_path: Path
+    module_nats: NatsServer, tmp_path: Path
 ) -> None:
-    async with serve(edge_nats, tmp_path, {}) as svc:
+    async with serve(module_nats, tmp_path, {}) as svc:
         honest = await WsClient.connect(svc.ws)
         await honest.subscribe(["BTCUSDT"])
         before = svc.rss()
@@ -99,9 +89,9 @@ async def test_oversized_frame_is_refused_by_the_protocol_layer_with_1009(
         await honest.close()
 
 
-async def test_serve_passes_keepalive_settings_to_uvicorn(edge_nats: NatsServer, tmp_path: Path) -> None:
+async def test_serve_passes_keepalive_settings_to_uvicorn(module_nats: NatsServer, tmp_path: Path) -> None:
     """A client that never answers pings is closed after WS_PING_INTERVAL + WS_PING_TIMEOUT."""
-    async with serve(edge_nats, tmp_path, {"WS_PING_INTERVAL": "0.5", "WS_PING_TIMEOUT": "0.5"}) as svc:
+    async with serve(module_nats, tmp_path, {"WS_PING_INTERVAL": "0.5", "WS_PING_TIMEOUT": "0.5"}) as svc:
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         writer.write(
             b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -119,12 +109,12 @@ async def test_serve_passes_keepalive_settings_to_uvicorn(edge_nats: NatsServer,
 # -- item 4: the token never reaches logs, metrics, stats or error frames -------------
 
 
-async def test_token_is_accepted_three_ways_and_never_logged(edge_nats: NatsServer, tmp_path: Path) -> None:
+async def test_token_is_accepted_three_ways_and_never_logged(module_nats: NatsServer, tmp_path: Path) -> None:
     token = "tok-" + secrets.token_urlsafe(24)
     near_miss = token + "x"
     ops = "ops-" + secrets.token_urlsafe(24)
     env = {"WS_TOKEN": token, "METRICS_TOKEN": ops}
-    async with serve(edge_nats, tmp_path, env, "--log-level", "debug") as svc:
+    async with serve(module_nats, tmp_path, env, "--log-level", "debug") as svc:
         frames: list[str] = []
         # 1. ?token= (what browsers used to do)
         q = await websockets.connect(f"{svc.ws}?token={token}&batch=0")
@@ -173,10 +163,10 @@ async def test_token_is_accepted_three_ways_and_never_logged(edge_nats: NatsServ
 # -- item 5: JWT expiry mid-session, required exp, aud/iss ----------------------------
 
 
-async def test_jwt_session_is_closed_with_4001_when_the_token_expires(edge_nats: NatsServer, tmp_path: Path) -> None:
+async def test_jwt_session_is_closed_with_4001_when_the_token_expires(module_nats: NatsServer, tmp_path: Path) -> None:
     key = secrets.token_hex(32)
     env = {"WS_JWT_SECRET": key, "WS_JWT_LEEWAY": "0", "WS_JWT_AUDIENCE": "trades", "WS_JWT_ISSUER": "auth.example"}
-    async with serve(edge_nats, tmp_path, env) as svc:
+    async with serve(module_nats, tmp_path, env) as svc:
 
         def token(**claims: Any) -> str:
             base = {"sub": "u1", "aud": "trades", "iss": "auth.example", "exp": int(time.time()) + 3600}
@@ -205,11 +195,11 @@ async def test_jwt_session_is_closed_with_4001_when_the_token_expires(edge_nats:
 
 
 async def test_ops_endpoints_need_the_metrics_token_and_health_stays_public(
-    edge_nats: NatsServer, tmp_path: Path
+    module_nats: NatsServer, tmp_path: Path
 ) -> None:
     ops = secrets.token_urlsafe(16)
     env = {"METRICS_TOKEN": ops, "WS_TOKEN": "other"}
-    async with serve(edge_nats, tmp_path, env) as svc, httpx.AsyncClient(base_url=svc.http) as http:
+    async with serve(module_nats, tmp_path, env) as svc, httpx.AsyncClient(base_url=svc.http) as http:
         for path in ("/metrics", "/api/v1/ws/stats"):
             assert (await http.get(path)).status_code == 401
             assert (await http.get(path, params={"token": "other"})).status_code == 401
@@ -239,9 +229,9 @@ async def test_error_frames_carry_no_internal_exception_text(tmp_path: Path) -> 
 # -- item 8: Origin -------------------------------------------------------------------
 
 
-async def test_origin_is_checked_against_the_allowed_list(edge_nats: NatsServer, tmp_path: Path) -> None:
+async def test_origin_is_checked_against_the_allowed_list(module_nats: NatsServer, tmp_path: Path) -> None:
     env = {"WS_ALLOWED_ORIGINS": "https://app.example, http://127.0.0.1:8080"}
-    async with serve(edge_nats, tmp_path, env) as svc:
+    async with serve(module_nats, tmp_path, env) as svc:
         with pytest.raises(InvalidStatus) as refused:
             await websockets.connect(svc.ws, origin="https://evil.example")  # type: ignore[arg-type]
         assert refused.value.response.status_code == 403
@@ -251,12 +241,12 @@ async def test_origin_is_checked_against_the_allowed_list(edge_nats: NatsServer,
         assert "origin 'https://evil.example' not allowed" in svc.proc.output
 
 
-async def test_token_is_redacted_under_plain_uvicorn_too(edge_nats: NatsServer, tmp_path: Path) -> None:
+async def test_token_is_redacted_under_plain_uvicorn_too(module_nats: NatsServer, tmp_path: Path) -> None:
     """``uvicorn liquidcrypto.app:create_app --factory`` configures its own log handlers."""
     token = "tok-" + secrets.token_urlsafe(24)
     port = free_port()
     log_path = tmp_path / "uvicorn.log"
-    env = {**os.environ, "NATS_URL": edge_nats.url, "WS_TOKEN": token}
+    env = {**os.environ, "NATS_URL": module_nats.url, "WS_TOKEN": token}
     command = [sys.executable, "-m", "uvicorn", "liquidcrypto.app:create_app", "--factory", "--port", str(port)]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen([*command, "--log-level", "info"], env=env, cwd=ROOT, stdout=out, stderr=out)

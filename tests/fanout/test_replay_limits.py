@@ -46,16 +46,6 @@ CPU_SHARE = 0.25  # of one core, for the app during the flood (~0.03 without it)
 
 
 @pytest.fixture(scope="module")
-def module_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    srv = NatsServer(tmp_path_factory.mktemp("replay-nats"))
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="module")
 def app(module_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppInstance]:
     env = {"NATS_URL": module_nats.url, "WS_BACKEND": "nats", "WS_MAX_REPLAYS": str(MAX_REPLAYS)}
     with app_instances(1, env, tmp_path_factory.mktemp("replay-app")) as apps:
