@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
+import nats.aio.client
 import pytest
 
 from liquidcrypto import A2ABus
@@ -78,6 +80,16 @@ async def make_client(nats_server: NatsServer) -> AsyncIterator[Callable[..., Aw
     finally:
         for c in made:
             await c.close()
+
+
+@pytest.fixture
+async def attacker(nats_server: NatsServer) -> AsyncIterator[nats.aio.client.Client]:
+    """The untrusted party: any client of the account, a plain nats-py connection."""
+    nc = await nats.connect(nats_server.url, name="attacker")
+    try:
+        yield nc
+    finally:
+        await nc.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ agent's task subject; the agent's handler returns (or ``reply``-s) a value as us
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -29,16 +28,6 @@ PURGE = f"$JS.API.STREAM.PURGE.{streams.ORCHESTRATOR_TASKS}"
 
 def refused(reason: str) -> float:
     return REGISTRY.get_sample_value("liquidcrypto_a2a_replies_refused_total", {"reason": reason}) or 0.0
-
-
-@pytest.fixture
-async def attacker(nats_server: NatsServer) -> AsyncIterator[RawConnection]:
-    """Any client of the account: a plain nats-py connection."""
-    nc = await nats.connect(nats_server.url)
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 async def send_crafted(nc: RawConnection, subject: str, **fields: Any) -> None:

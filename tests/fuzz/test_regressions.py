@@ -8,10 +8,8 @@ untrusted party is a raw nats-py connection, as in the properties.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
 import orjson
 import pytest
 from nats.aio.client import Client as Nats
@@ -20,18 +18,8 @@ from liquidcrypto import A2ABus, Envelope, OrchestratorTask, WorkQueue, codec
 from liquidcrypto.errors import LiquidNatsError
 from liquidcrypto.nats import streams
 from liquidcrypto.nats.client import ConnectionState, NatsClient
-from liquidcrypto.nats.embedded import NatsServer
 from liquidcrypto.workqueue.models import DeadLetter, decode_task
 from tests.helpers import eventually
-
-
-@pytest.fixture
-async def attacker(nats_server: NatsServer) -> AsyncIterator[Nats]:
-    nc = await nats.connect(nats_server.url, name="attacker")
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 def troubles(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
 import orjson
 import pytest
 from nats.aio.client import Client as Nats
@@ -26,21 +24,11 @@ from liquidcrypto import OrchestratorTask, WorkQueue, list_dead_letters, requeue
 from liquidcrypto.errors import InvalidTaskError
 from liquidcrypto.nats import streams
 from liquidcrypto.nats.client import ConnectionState, NatsClient
-from liquidcrypto.nats.embedded import NatsServer
 from liquidcrypto.workqueue.dead_letters import dlq_subject_for, result_dlq_subject_for
 from liquidcrypto.workqueue.models import DeadLetter
 from tests.helpers import eventually
 
 OK_RESULT = b'{"sessionId":"s","subPrdId":"ok","success":true}'
-
-
-@pytest.fixture
-async def attacker(nats_server: NatsServer) -> AsyncIterator[Nats]:
-    nc = await nats.connect(nats_server.url, name="attacker")
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 async def subject_count(client: NatsClient, subject_filter: str) -> int:
